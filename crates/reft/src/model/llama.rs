@@ -1,0 +1,409 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2), written so that
+//! every op between a hook point and the loss has a backward: RMSNorm, half-split RoPE,
+//! grouped-query attention with an explicit mask, SwiGLU MLP, tied or untied LM head.
+//! Tensor names follow `transformers`' `LlamaForCausalLM`.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::DecoderConfig;
+use super::{Component, Hooks, KvCache, Site, SiteContext};
+use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear};
+use crate::weights::{LoadContext, WeightSource};
+use crate::{Error, Result};
+
+/// Added to the attention scores of masked keys. Finite, so a fully masked row (a padding query)
+/// gives a uniform distribution instead of NaN.
+const MASKED: f64 = -1e30;
+
+struct Attention {
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    o: FrozenLinear,
+}
+
+struct Mlp {
+    gate: FrozenLinear,
+    up: FrozenLinear,
+    down: FrozenLinear,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+/// One forward pass's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInput<'a> {
+    /// Token ids `[batch, seq]` (u32).
+    pub input_ids: &'a Tensor,
+    /// Per sequence, 1 for a real token and 0 for padding, over the cached tokens followed by
+    /// this pass's tokens. `None`: every token is real.
+    pub attention_mask: Option<&'a [Vec<u32>]>,
+    /// Per sequence, the RoPE position of each of this pass's tokens. `None`: the cache length
+    /// plus the column index (right padding or no padding).
+    pub position_ids: Option<&'a [Vec<u32>]>,
+}
+
+impl<'a> ForwardInput<'a> {
+    /// Input with no padding.
+    pub fn new(input_ids: &'a Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+        }
+    }
+}
+
+/// A frozen Llama-family decoder.
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    inv_freq: Vec<f64>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Loads the weights of `cfg` from `source` onto `device` in `dtype`.
+    pub fn load(
+        source: &WeightSource,
+        cfg: DecoderConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let ctx = LoadContext {
+            device: device.clone(),
+            dtype,
+            arch: cfg.arch,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+        };
+        let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let get = |name: &str, shape: &[usize]| source.get(name, shape, &ctx);
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<FrozenLinear> {
+            let w = get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(FrozenLinear::new(w, b))
+        };
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                attn: Attention {
+                    q: linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        cfg.num_heads * hd,
+                        d,
+                        bias,
+                    )?,
+                    k: linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        cfg.num_kv_heads * hd,
+                        d,
+                        bias,
+                    )?,
+                    v: linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        cfg.num_kv_heads * hd,
+                        d,
+                        bias,
+                    )?,
+                    o: linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        d,
+                        cfg.num_heads * hd,
+                        false,
+                    )?,
+                },
+                mlp: Mlp {
+                    gate: linear(&format!("{p}.mlp.gate_proj"), i, d, false)?,
+                    up: linear(&format!("{p}.mlp.up_proj"), i, d, false)?,
+                    down: linear(&format!("{p}.mlp.down_proj"), d, i, false)?,
+                },
+            });
+        }
+        let norm = get("model.norm.weight", &[d])?;
+        // Some tied checkpoints still carry a copy of the head; a missing head means tied.
+        let lm_head = if !cfg.tie_word_embeddings || source.contains("lm_head.weight") {
+            match get("lm_head.weight", &[cfg.vocab_size, d]) {
+                Ok(w) => FrozenLinear::new(w, None),
+                Err(Error::MissingTensor { .. }) if cfg.tie_word_embeddings => {
+                    FrozenLinear::new(embed.clone(), None)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            FrozenLinear::new(embed.clone(), None)
+        };
+        let inv_freq = inverse_frequencies(&cfg);
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs the decoder and returns the final normalised hidden states `[batch, seq, d]`.
+    ///
+    /// `hooks` sees (and may replace) the hidden states at the sites it lists. With `cache`, keys
+    /// and values of this pass are appended to it and earlier ones are attended to.
+    pub fn forward(
+        &self,
+        input: &ForwardInput,
+        hooks: &mut dyn Hooks,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input.input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let sites = hooks.sites();
+        for s in &sites {
+            if s.layer >= self.cfg.num_layers {
+                return Err(Error::InvalidArgument(format!(
+                    "hook at layer {} but the model has {} layers",
+                    s.layer, self.cfg.num_layers
+                )));
+            }
+        }
+        let ctx = SiteContext { past_len: past };
+        let (cos, sin) = self.rope_tables(b, t, past, input.position_ids)?;
+        let mask = self.attention_mask(b, t, past, input.attention_mask)?;
+
+        let ids = input.input_ids.flatten_all()?;
+        let mut h = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
+            let site = Site::new(layer, c);
+            if !sites.contains(&site) {
+                return Ok(h);
+            }
+            match hooks.on_site(site, &h, &ctx)? {
+                None => Ok(h),
+                Some(new) if new.dims() == h.dims() => Ok(new),
+                Some(new) => Err(Error::InvalidArgument(format!(
+                    "hook at layer {layer} {} returned shape {:?}, expected {:?}",
+                    c.name(),
+                    new.dims(),
+                    h.dims()
+                ))),
+            }
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            h = hook(l, Component::BlockInput, h)?;
+            let x = rms_norm(&h, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            let kv = cache.as_deref_mut().map(|c| (c, l));
+            let a = self.attention(&layer.attn, &x, &cos, &sin, mask.as_ref(), kv)?;
+            let a = hook(l, Component::AttentionOutput, a)?;
+            h = (h + a)?;
+            let x = rms_norm(&h, &layer.post_attention_norm, self.cfg.rms_norm_eps)?;
+            let m = layer
+                .mlp
+                .down
+                .forward(&(layer.mlp.gate.forward(&x)?.silu()? * layer.mlp.up.forward(&x)?)?)?;
+            let m = hook(l, Component::MlpOutput, m)?;
+            h = (h + m)?;
+            h = hook(l, Component::BlockOutput, h)?;
+        }
+        rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Applies the LM head to final hidden states `[…, d]`, giving logits `[…, vocab]`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let q = attn
+            .q
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = attn
+            .k
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = attn
+            .v
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some((c, l)) => c.append(l, &k, &v.contiguous()?)?,
+            None => (k, v.contiguous()?),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
+        // head are stacked along the sequence axis.
+        let rep = nh / nkv;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.reshape((b, nkv, rep, t, s))?.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores.reshape((b, nkv, rep * t, s))?)?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        attn.o.forward(&out)
+    }
+
+    /// Additive mask `[b, 1, 1, t, past + t]`, or `None` when nothing needs masking.
+    fn attention_mask(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        padding: Option<&[Vec<u32>]>,
+    ) -> Result<Option<Tensor>> {
+        let s = past + t;
+        if let Some(p) = padding {
+            if p.len() != b || p.iter().any(|row| row.len() != s) {
+                return Err(Error::InvalidArgument(format!(
+                    "attention mask must be [{b}][{s}] (cached + new tokens)"
+                )));
+            }
+        }
+        let has_padding = padding.is_some_and(|p| p.iter().flatten().any(|&m| m == 0));
+        if t == 1 && !has_padding {
+            return Ok(None);
+        }
+        let mut data = vec![0f64; b * t * s];
+        for bi in 0..b {
+            for ti in 0..t {
+                for j in 0..s {
+                    let visible = j <= past + ti && padding.is_none_or(|p| p[bi][j] != 0);
+                    if !visible {
+                        data[(bi * t + ti) * s + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let m = Tensor::from_vec(data, (b, 1, 1, t, s), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(m))
+    }
+
+    /// cos/sin tables `[b, 1, t, head_dim]` for this pass's positions.
+    fn rope_tables(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        positions: Option<&[Vec<u32>]>,
+    ) -> Result<(Tensor, Tensor)> {
+        if let Some(p) = positions {
+            if p.len() != b || p.iter().any(|row| row.len() != t) {
+                return Err(Error::InvalidArgument(format!(
+                    "position ids must be [{b}][{t}]"
+                )));
+            }
+        }
+        let half = self.cfg.head_dim / 2;
+        let hd = self.cfg.head_dim;
+        let mut cos = vec![0f64; b * t * hd];
+        let mut sin = vec![0f64; b * t * hd];
+        for bi in 0..b {
+            for ti in 0..t {
+                let pos = positions.map_or((past + ti) as f64, |p| p[bi][ti] as f64);
+                let base = (bi * t + ti) * hd;
+                for (i, f) in self.inv_freq.iter().enumerate() {
+                    let (s, c) = (pos * f).sin_cos();
+                    cos[base + i] = c;
+                    cos[base + i + half] = c;
+                    sin[base + i] = s;
+                    sin[base + i + half] = s;
+                }
+            }
+        }
+        let mk = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (b, 1, t, hd), &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok((mk(cos)?, mk(sin)?))
+    }
+}
+
+/// Half-split rotary embedding: `x·cos + rotate_half(x)·sin`, composed of differentiable ops.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// RoPE inverse frequencies, with Llama-3 scaling when configured.
+fn inverse_frequencies(cfg: &DecoderConfig) -> Vec<f64> {
+    let hd = cfg.head_dim as f64;
+    let base: Vec<f64> = (0..cfg.head_dim / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd))
+        .collect();
+    let Some(s) = &cfg.rope_scaling else {
+        return base;
+    };
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}

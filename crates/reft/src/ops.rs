@@ -1,0 +1,203 @@
+//! Tensor operations whose backward is what ReFT needs (SPEC §7, §8).
+//!
+//! * [`FrozenLinear`]: a linear layer whose weight is frozen. candle's matmul backward always
+//!   computes the gradient of both operands; for a frozen weight that is wasted work as large as
+//!   the forward itself. Here the product is computed without a graph, then re-attached to the
+//!   input through a custom op whose backward is only `dL/dx = g · W`.
+//! * Normalisation and softmax: candle's fused kernels record no backward and cut gradients
+//!   silently. The model calls these helpers, which take the fused kernel when no gradient can
+//!   flow (inference) and the composed, differentiable form otherwise.
+//! * [`enable_flush_to_zero`]: subnormal floats in backward passes made CPU training 8–30× slower
+//!   in measurements here; every compute thread flushes them to zero.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+use crate::Result;
+
+/// A linear layer `y = x Wᵀ + b` whose parameters never receive gradients.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// Wraps a weight `[out, in]` and an optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Applies the layer to `x` of shape `[…, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has at least one dim");
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = x2.detach().matmul(&self.weight.t()?)?;
+        let y = if x.track_op() {
+            x2.apply_op2(
+                &y,
+                InputGradOnly {
+                    weight: self.weight.clone(),
+                },
+            )?
+        } else {
+            y
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        let y = y.reshape(out_dims)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Custom op `(x, y) ↦ y` where `y = x Wᵀ` was computed without a graph; its backward gives
+/// `x` the gradient `g W` and `y` none, so no weight gradient is ever formed.
+struct InputGradOnly {
+    weight: Tensor,
+}
+
+impl CustomOp2 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn slice<T: Clone>(v: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(v[a..b].to_vec()),
+                None => candle_core::bail!("frozen-linear: product is not contiguous"),
+            }
+        }
+        let out = match s2 {
+            CpuStorage::F32(v) => CpuStorage::F32(slice(v, l2)?),
+            CpuStorage::F64(v) => CpuStorage::F64(slice(v, l2)?),
+            CpuStorage::F16(v) => CpuStorage::F16(slice(v, l2)?),
+            CpuStorage::BF16(v) => CpuStorage::BF16(slice(v, l2)?),
+            _ => candle_core::bail!("frozen-linear: unsupported dtype"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
+    }
+}
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) · w` over the last dimension, differentiable when `x`
+/// carries a graph.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.track_op() && x.dtype() == DType::F32 && x.is_contiguous() {
+        return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
+    }
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension, differentiable when `x` carries a graph.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() && x.is_contiguous() {
+        return Ok(candle_nn::ops::softmax_last_dim(x)?);
+    }
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Sets flush-to-zero and denormals-are-zero on the calling thread (x86-64; a no-op elsewhere).
+pub fn set_flush_to_zero_on_this_thread() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(deprecated)]
+        // SAFETY: reading and writing MXCSR only changes how this thread rounds subnormal floats.
+        unsafe {
+            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+            _mm_setcsr(_mm_getcsr() | 0x8040);
+        }
+    }
+}
+
+/// Turns on flush-to-zero on the calling thread and on every thread of the global rayon pool
+/// (which candle and gemm use for CPU kernels). Call once, early; later calls only touch the
+/// calling thread.
+pub fn enable_flush_to_zero() {
+    set_flush_to_zero_on_this_thread();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if the global pool already exists; then set it on each of its threads.
+        let built = rayon::ThreadPoolBuilder::new()
+            .start_handler(|_| set_flush_to_zero_on_this_thread())
+            .build_global();
+        if built.is_err() {
+            rayon::broadcast(|_| set_flush_to_zero_on_this_thread());
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_gives_input_gradient_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev)?;
+        let lin = FrozenLinear::new(w.clone(), Some(Tensor::new(&[0.5f32, -0.5], &dev)?));
+        let x = Var::new(&[[1f32, 0., -1.]], &dev)?;
+        let y = lin.forward(x.as_tensor())?;
+        assert_eq!(y.to_vec2::<f32>()?, vec![vec![-1.5, -2.5]]);
+        let grads = y.sum_all()?.backward()?;
+        let gx = grads.get(x.as_tensor()).expect("x gets a gradient");
+        assert_eq!(gx.to_vec2::<f32>()?, vec![vec![5., 7., 9.]]);
+        assert!(
+            grads.get(&w).is_none(),
+            "the frozen weight must get no gradient"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn composed_and_fused_norms_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1., 8, &dev)?;
+        let fused = rms_norm(&x, &w, 1e-6)?;
+        let v = Var::from_tensor(&x)?;
+        let slow = rms_norm(v.as_tensor(), &w, 1e-6)?;
+        let diff = (fused - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+}

