@@ -1,1 +1,47 @@
-fn main() {}
+//! The `reft` command-line tool: argument parsing, progress and printing over the `reft` library.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Representation Finetuning (ReFT) for frozen transformer LMs.
+#[derive(Parser)]
+#[command(name = "reft", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (greedy unless --temperature is given).
+    Generate(commands::generate::Args),
+    /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends).
+    Chat(commands::chat::Args),
+    /// Print the token ids of a text as a JSON array (no special tokens added).
+    Tokenize(commands::tokenize::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    reft::ops::enable_flush_to_zero();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed pipe (`reft … | head`) is not a failure.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return std::process::ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,92 @@
-fn main() {}
+//! Prefill and decode throughput on SmolLM2-135M-Instruct (f32 compute), with and without the
+//! GGUF blocks for decoding. Prints medians; run with `cargo bench -p reft --bench generation`.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use reft::generate::{generate, GenerationConfig};
+use reft::model::llama::ForwardInput;
+use reft::model::NoHooks;
+use reft::{LanguageModel, LoadOptions};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> reft::Result<()> {
+    reft::ops::enable_flush_to_zero();
+    let m = reft::hub::known_model(reft::hub::DEFAULT_MODEL).expect("known");
+    let path = reft::hub::fetch(m, &mut |s| eprintln!("{s}"))?;
+    let dev = Device::Cpu;
+    let runs = 5;
+    println!(
+        "SmolLM2-135M-Instruct, {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    for quantized_decode in [false, true] {
+        let opts = LoadOptions {
+            quantized_decode,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let lm = LanguageModel::load(path.to_str().expect("utf-8 path"), &dev, &opts, &mut |_| {})?;
+        let load_s = t0.elapsed().as_secs_f64();
+        let text =
+            "The history of the city began long ago, when travellers crossed the river. ".repeat(8);
+        let prompt = lm.tokenizer.encode(&text)?;
+        let prompt = &prompt[..prompt.len().min(128)];
+        let ids = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+        let mut prefill = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            let h = lm
+                .decoder
+                .forward(&ForwardInput::new(&ids), &mut NoHooks, None)?;
+            let _ = lm.decoder.lm_head(&h.narrow(1, prompt.len() - 1, 1)?)?;
+            prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        let short = lm.tokenizer.encode("Once upon a time")?;
+        let new_tokens = 64;
+        let cfg = GenerationConfig {
+            max_new_tokens: new_tokens,
+            ..Default::default()
+        };
+        let mut decode = Vec::new();
+        for _ in 0..runs {
+            // Time the prompt pass alone, then subtract it from the whole generation.
+            let t = Instant::now();
+            generate(
+                &lm.decoder,
+                &lm.tokenizer,
+                &[short.clone()],
+                &GenerationConfig {
+                    max_new_tokens: 1,
+                    ..cfg.clone()
+                },
+                &mut NoHooks,
+                &mut |_, _| {},
+            )?;
+            let first = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let out = generate(
+                &lm.decoder,
+                &lm.tokenizer,
+                &[short.clone()],
+                &cfg,
+                &mut NoHooks,
+                &mut |_, _| {},
+            )?;
+            let all = t.elapsed().as_secs_f64();
+            decode.push((out[0].ids.len() - 1) as f64 / (all - first));
+        }
+        println!(
+            "decode with {:<22} load {load_s:.2} s | prefill ({} tokens) {:.0} tokens/s | decode {:.1} tokens/s (median of {runs})",
+            if quantized_decode { "GGUF blocks × f32:" } else { "f32 weights:" },
+            prompt.len(),
+            median(prefill),
+            median(decode)
+        );
+    }
+    Ok(())
+}

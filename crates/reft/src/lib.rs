@@ -17,9 +17,10 @@ pub mod hub;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use load::LanguageModel;
+pub use load::{LanguageModel, LoadOptions};

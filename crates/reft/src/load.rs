@@ -23,6 +23,25 @@ pub struct LanguageModel {
     pub path: PathBuf,
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Compute dtype of the weights (f32 on CPU; f64 for gradient checks).
+    pub dtype: DType,
+    /// Keep a GGUF file's 4/8-bit blocks for the inference-only fast path (decoding). Prefill
+    /// and training use the f32 weights either way.
+    pub quantized_decode: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            quantized_decode: true,
+        }
+    }
+}
+
 /// Resolves a model argument: an existing path, or a known model name (fetched if needed).
 pub fn resolve(spec: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let p = Path::new(spec);
@@ -50,19 +69,19 @@ impl LanguageModel {
     pub fn load(
         spec: &str,
         device: &Device,
-        dtype: DType,
+        opts: &LoadOptions,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let path = resolve(spec, progress)?;
         if path.is_dir() {
-            Self::load_hf_folder(&path, device, dtype)
+            Self::load_hf_folder(&path, device, opts.dtype)
         } else {
-            Self::load_gguf(&path, device, dtype)
+            Self::load_gguf(&path, device, opts)
         }
     }
 
     /// Loads a GGUF file: config, tokenizer and template from its metadata.
-    pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_gguf(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         let g = GgufFile::open(path)?;
         let cfg = gguf_config(&g)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
@@ -81,7 +100,7 @@ impl LanguageModel {
             token_text(tokenizer.eos_ids.first().copied()),
         );
         let source = WeightSource::Gguf(g);
-        let decoder = Decoder::load(&source, cfg, device, dtype)?;
+        let decoder = Decoder::load(&source, cfg, device, opts.dtype, opts.quantized_decode)?;
         Ok(Self {
             decoder,
             tokenizer,
@@ -159,7 +178,7 @@ impl LanguageModel {
             token_str("eos_token").unwrap_or_default(),
         );
         let source = WeightSource::open_hf_folder(dir)?;
-        let decoder = Decoder::load(&source, cfg, device, dtype)?;
+        let decoder = Decoder::load(&source, cfg, device, dtype, false)?;
         Ok(Self {
             decoder,
             tokenizer,

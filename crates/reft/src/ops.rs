@@ -12,6 +12,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
+use crate::quant::QuantWeight;
 use crate::Result;
 
 /// A linear layer `y = x Wᵀ + b` whose parameters never receive gradients.
@@ -19,12 +20,28 @@ use crate::Result;
 pub struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
+    quant: Option<std::sync::Arc<QuantWeight>>,
 }
+
+/// Up to this many rows, an inference-only product uses the quantized blocks (bandwidth-bound
+/// decoding); above it, the f32 GEMM reuses each weight across rows and wins.
+const QUANT_MAX_ROWS: usize = 8;
 
 impl FrozenLinear {
     /// Wraps a weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            quant: None,
+        }
+    }
+
+    /// Adds quantized blocks of the same weight, used when no gradient can flow and few rows
+    /// are multiplied (decoding).
+    pub fn with_quant(mut self, quant: Option<QuantWeight>) -> Self {
+        self.quant = quant.map(std::sync::Arc::new);
+        self
     }
 
     /// The weight, `[out, in]`.
@@ -38,7 +55,16 @@ impl FrozenLinear {
         let in_dim = *dims.last().expect("linear input has at least one dim");
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let y = x2.detach().matmul(&self.weight.t()?)?;
+        let fast = match &self.quant {
+            Some(q) if !x.track_op() && rows <= QUANT_MAX_ROWS && x.dtype() == DType::F32 => {
+                x.device().is_cpu().then_some(q)
+            }
+            _ => None,
+        };
+        let y = match fast {
+            Some(q) => q.matmul_t(&x2)?,
+            None => x2.detach().matmul(&self.weight.t()?)?,
+        };
         let y = if x.track_op() {
             x2.apply_op2(
                 &y,

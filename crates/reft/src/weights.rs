@@ -10,11 +10,12 @@ use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::config::Arch;
+use crate::quant::{BlockFormat, QuantWeight};
 use crate::{Error, Result};
 
 /// A read-only store of named tensors.
@@ -114,17 +115,15 @@ impl GgufFile {
         self.meta_as(key, |v| v.to_f64().or_else(|_| v.to_f32().map(f64::from)))
     }
 
-    /// Reads and dequantizes one tensor to f32.
-    fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+    /// Reads one tensor as stored.
+    fn qtensor(&self, name: &str) -> Result<QTensor> {
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let q = self
-            .content
-            .tensor(&mut *reader, name, device)
+        self.content
+            .tensor(&mut *reader, name, &Device::Cpu)
             .map_err(|e| Error::BadWeights {
                 path: self.path.clone(),
                 msg: format!("tensor `{name}`: {e}"),
-            })?;
-        Ok(q.dequantize(device)?)
+            })
     }
 }
 
@@ -198,6 +197,18 @@ impl WeightSource {
 
     /// Loads a tensor by its Hugging Face name, checks its shape and converts it to `dtype`.
     pub fn get(&self, hf_name: &str, shape: &[usize], ctx: &LoadContext) -> Result<Tensor> {
+        Ok(self.get_linear(hf_name, shape, ctx)?.0)
+    }
+
+    /// Like [`get`](Self::get), and also the file's own quantized blocks when
+    /// `ctx.keep_quantized` is set and a kernel exists for them (GGUF Q4_0/Q4_1/Q8_0 matrices).
+    pub fn get_linear(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        ctx: &LoadContext,
+    ) -> Result<(Tensor, Option<QuantWeight>)> {
+        let mut quant = None;
         let (file_name, t) = match self {
             Self::Safetensors { st, path } => {
                 let view = st.get(hf_name).map_err(|_| Error::MissingTensor {
@@ -231,13 +242,24 @@ impl WeightSource {
                 if info.shape.dims() != shape {
                     return Err(self.shape_error(&name, shape, info.shape.dims()));
                 }
-                let mut t = g.tensor(&name, &ctx.device)?;
-                if ctx.arch == Arch::Llama {
-                    if name.ends_with("attn_q.weight") {
-                        t = unpermute_rope_rows(&t, ctx.num_heads)?;
-                    } else if name.ends_with("attn_k.weight") {
-                        t = unpermute_rope_rows(&t, ctx.num_kv_heads)?;
-                    }
+                let q = g.qtensor(&name)?;
+                let mut t = q.dequantize(&ctx.device)?;
+                let format = BlockFormat::from_ggml(q.dtype());
+                if let (true, Some(fmt), [rows, cols]) = (ctx.keep_quantized, format, shape) {
+                    let data = q.data()?.to_vec();
+                    quant = QuantWeight::new(fmt, *rows, *cols, data);
+                }
+                let heads = match name.rsplit('.').nth(1) {
+                    Some("attn_q") => Some(ctx.num_heads),
+                    Some("attn_k") => Some(ctx.num_kv_heads),
+                    _ => None,
+                };
+                if let (Arch::Llama, Some(heads), true) =
+                    (ctx.arch, heads, name.ends_with(".weight"))
+                {
+                    t = unpermute_rope_rows(&t, heads)?;
+                    let perm = rope_row_permutation(shape[0], heads);
+                    quant = quant.map(|q| q.permute_rows(&perm));
                 }
                 (name, t)
             }
@@ -246,7 +268,7 @@ impl WeightSource {
         if t.dims() != shape {
             return Err(self.shape_error(&file_name, shape, t.dims()));
         }
-        Ok(t)
+        Ok((t, quant))
     }
 
     fn shape_error(&self, name: &str, expected: &[usize], actual: &[usize]) -> Error {
@@ -272,6 +294,8 @@ pub struct LoadContext {
     pub num_heads: usize,
     /// Key/value heads.
     pub num_kv_heads: usize,
+    /// Keep GGUF quantized blocks beside the f32 weights for the inference-only fast path.
+    pub keep_quantized: bool,
 }
 
 /// Validates a safetensors header against the file length, so that a truncated file fails with a
@@ -329,10 +353,29 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// interleaves the two RoPE halves of each head (rows `2i, 2i+1` are HF rows `i, i+hd/2`);
 /// Hugging Face's half-split RoPE needs them split again.
 fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    debug_assert_eq!(
+        w.dim(0).ok(),
+        Some(rope_row_permutation(w.dim(0)?, heads).len())
+    );
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
     Ok(w.reshape((heads, hd / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
+}
+
+/// The row order [`unpermute_rope_rows`] produces: HF row `h·hd + a·hd/2 + i` is file row
+/// `h·hd + 2i + a`.
+fn rope_row_permutation(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut perm = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for a in 0..2 {
+            for i in 0..hd / 2 {
+                perm.push(h * hd + 2 * i + a);
+            }
+        }
+    }
+    perm
 }

@@ -180,7 +180,7 @@ fn check_decoder_case(case: &Case, model_dir: &Path) {
             let cfg =
                 reft::model::DecoderConfig::from_hf_json(&model_dir.join("config.json")).unwrap();
             let src = reft::weights::WeightSource::open_hf_folder(model_dir).unwrap();
-            reft::model::Decoder::load(&src, cfg, &dev, DType::F32).unwrap()
+            reft::model::Decoder::load(&src, cfg, &dev, DType::F32, false).unwrap()
         }
     };
     let ids = matrix_u32(&case.json["input_ids"]);
@@ -312,7 +312,7 @@ fn smollm2_chat_logits_and_greedy() {
     let lm = LanguageModel::load(
         smollm2_path().to_str().unwrap(),
         &dev,
-        DType::F32,
+        &reft::LoadOptions::default(),
         &mut |_| {},
     )
     .unwrap();

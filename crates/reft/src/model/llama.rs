@@ -72,12 +72,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Loads the weights of `cfg` from `source` onto `device` in `dtype`.
+    /// Loads the weights of `cfg` from `source` onto `device` in `dtype`. With
+    /// `keep_quantized`, a GGUF file's 4/8-bit blocks are kept too, for fast decoding (see
+    /// [`crate::quant`]); training and prefill always use the f32 weights.
     pub fn load(
         source: &WeightSource,
         cfg: DecoderConfig,
         device: &Device,
         dtype: DType,
+        keep_quantized: bool,
     ) -> Result<Self> {
         let ctx = LoadContext {
             device: device.clone(),
@@ -85,19 +88,21 @@ impl Decoder {
             arch: cfg.arch,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
+            keep_quantized,
         };
         let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let get = |name: &str, shape: &[usize]| source.get(name, shape, &ctx);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<FrozenLinear> {
-            let w = get(&format!("{name}.weight"), &[out, inp])?;
+            let (w, q) = source.get_linear(&format!("{name}.weight"), &[out, inp], &ctx)?;
             let b = if bias {
                 Some(get(&format!("{name}.bias"), &[out])?)
             } else {
                 None
             };
-            Ok(FrozenLinear::new(w, b))
+            Ok(FrozenLinear::new(w, b).with_quant(q))
         };
-        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let (embed, embed_q) =
+            source.get_linear("model.embed_tokens.weight", &[cfg.vocab_size, d], &ctx)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -140,16 +145,15 @@ impl Decoder {
         }
         let norm = get("model.norm.weight", &[d])?;
         // Some tied checkpoints still carry a copy of the head; a missing head means tied.
+        let tied = FrozenLinear::new(embed.clone(), None).with_quant(embed_q);
         let lm_head = if !cfg.tie_word_embeddings || source.contains("lm_head.weight") {
-            match get("lm_head.weight", &[cfg.vocab_size, d]) {
-                Ok(w) => FrozenLinear::new(w, None),
-                Err(Error::MissingTensor { .. }) if cfg.tie_word_embeddings => {
-                    FrozenLinear::new(embed.clone(), None)
-                }
+            match linear("lm_head", cfg.vocab_size, d, false) {
+                Ok(head) => head,
+                Err(Error::MissingTensor { .. }) if cfg.tie_word_embeddings => tied,
                 Err(e) => return Err(e),
             }
         } else {
-            FrozenLinear::new(embed.clone(), None)
+            tied
         };
         let inv_freq = inverse_frequencies(&cfg);
         Ok(Self {

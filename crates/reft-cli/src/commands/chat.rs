@@ -1,0 +1,68 @@
+//! `reft chat`: an interactive, multi-turn conversation in the terminal.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Result;
+use reft::generate::generate;
+use reft::model::NoHooks;
+use reft::template::Message;
+
+use super::{ModelArgs, SamplingArgs};
+
+/// Arguments of `reft chat`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let lm = args.model.load()?;
+    let cfg = args.sampling.config(&lm)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(Message::new("system", s.clone()));
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut out = std::io::stdout().lock();
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let Some(line) = lines.next().transpose()? else {
+            break;
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            break;
+        }
+        messages.push(Message::new("user", line));
+        let ids = lm
+            .tokenizer
+            .encode(&lm.chat_template.render(&messages, true)?)?;
+        let mut io_err = None;
+        let reply = generate(
+            &lm.decoder,
+            &lm.tokenizer,
+            &[ids],
+            &cfg,
+            &mut NoHooks,
+            &mut |_, t| {
+                if io_err.is_none() {
+                    io_err = out.write_all(t.as_bytes()).and_then(|_| out.flush()).err();
+                }
+            },
+        )?;
+        if let Some(e) = io_err {
+            return Err(e.into());
+        }
+        writeln!(out)?;
+        messages.push(Message::new("assistant", reply[0].text.clone()));
+    }
+    Ok(())
+}
