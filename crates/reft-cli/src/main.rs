@@ -6,7 +6,12 @@ use clap::{Parser, Subcommand};
 
 /// Representation Finetuning (ReFT) for frozen transformer LMs.
 #[derive(Parser)]
-#[command(name = "reft", version, about, long_about = None)]
+#[command(
+    name = "reft",
+    version,
+    about = "Representation Finetuning (ReFT) for frozen transformer LMs",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

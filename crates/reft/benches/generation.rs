@@ -59,7 +59,7 @@ fn main() -> reft::Result<()> {
             generate(
                 &lm.decoder,
                 &lm.tokenizer,
-                &[short.clone()],
+                std::slice::from_ref(&short),
                 &GenerationConfig {
                     max_new_tokens: 1,
                     ..cfg.clone()
@@ -72,7 +72,7 @@ fn main() -> reft::Result<()> {
             let out = generate(
                 &lm.decoder,
                 &lm.tokenizer,
-                &[short.clone()],
+                std::slice::from_ref(&short),
                 &cfg,
                 &mut NoHooks,
                 &mut |_, _| {},

@@ -59,7 +59,8 @@ pub struct QuantWeight {
 impl QuantWeight {
     /// Wraps raw block bytes; `None` when the shape does not fit the format.
     pub fn new(format: BlockFormat, out_dim: usize, in_dim: usize, data: Vec<u8>) -> Option<Self> {
-        let ok = in_dim % 32 == 0 && data.len() == out_dim * in_dim / 32 * format.block_bytes();
+        let ok =
+            in_dim.is_multiple_of(32) && data.len() == out_dim * in_dim / 32 * format.block_bytes();
         ok.then_some(Self {
             format,
             out_dim,
@@ -145,6 +146,7 @@ fn dot(format: BlockFormat, w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
 /// AVX-512 kernel: 16 lanes per block half; the f16 scales are converted with F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `b` indexes raw block pointers too
 unsafe fn dot_avx512(format: BlockFormat, w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
     // SAFETY: the caller checked the CPU features; every pointer below stays inside `w` and `x`
     // (nb blocks of bb bytes, and 32 inputs per block).

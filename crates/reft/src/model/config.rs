@@ -152,13 +152,13 @@ impl DecoderConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return Err("head counts and head_dim must be positive".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {

@@ -1,0 +1,310 @@
+//! Loading from GGUF files made here from `tiny-llama`, and the failure modes of bad inputs:
+//! each must be a clear error that names the file, tensor or key at fault, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use reft::model::llama::ForwardInput;
+use reft::model::{Decoder, DecoderConfig, NoHooks};
+use reft::weights::{GgufFile, WeightSource};
+use reft::{Error, LanguageModel};
+
+fn tiny_llama_dir() -> PathBuf {
+    fixtures_dir().join("models/tiny-llama")
+}
+
+fn hf_tensors() -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> =
+        candle_core::safetensors::load(tiny_llama_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Applies llama.cpp's conversion permutation to a query/key weight.
+fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+/// Writes tiny-llama as a GGUF file the way llama.cpp's converter lays it out; matrices in
+/// `matrix_type`, norms in F32.
+fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType) {
+    let cfg = DecoderConfig::from_hf_json(&tiny_llama_dir().join("config.json")).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in hf_tensors() {
+        let gguf =
+            reft::weights::gguf_name(&name).unwrap_or_else(|| panic!("no GGUF name for {name}"));
+        let t = if gguf.ends_with("attn_q.weight") {
+            permute_for_gguf(&t, cfg.num_heads)
+        } else if gguf.ends_with("attn_k.weight") {
+            permute_for_gguf(&t, cfg.num_kv_heads)
+        } else {
+            t
+        };
+        let ty = if t.rank() == 2 {
+            matrix_type
+        } else {
+            GgmlDType::F32
+        };
+        tensors.push((gguf, QTensor::quantize(&t, ty).unwrap()));
+    }
+    use gguf_file::Value;
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
+        (
+            "llama.feed_forward_length",
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        ("llama.block_count", Value::U32(cfg.num_layers as u32)),
+        (
+            "llama.attention.head_count",
+            Value::U32(cfg.num_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+        ("llama.context_length", Value::U32(256)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
+}
+
+fn gguf_decoder(path: &Path, quantized: bool) -> reft::Result<Decoder> {
+    let g = GgufFile::open(path)?;
+    let cfg = reft::load::gguf_config(&g)?;
+    Decoder::load(
+        &WeightSource::Gguf(g),
+        cfg,
+        &Device::Cpu,
+        DType::F32,
+        quantized,
+    )
+}
+
+fn hf_decoder(dir: &Path) -> reft::Result<Decoder> {
+    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json"))?;
+    Decoder::load(
+        &WeightSource::open_hf_folder(dir)?,
+        cfg,
+        &Device::Cpu,
+        DType::F32,
+        false,
+    )
+}
+
+fn logits(m: &Decoder, ids: &[u32]) -> Tensor {
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.lm_head(
+        &m.forward(&ForwardInput::new(&t), &mut NoHooks, None)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn gguf_with_permuted_query_key_matches_the_hf_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::F32);
+    let ids = [3u32, 77, 120, 5, 300, 9, 41];
+    let hf = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
+    let gg = logits(&gguf_decoder(&path, false).unwrap(), &ids);
+    let err = max_abs_diff(&hf, &gg);
+    assert!(err < 1e-5, "GGUF vs HF logits differ by {err}");
+}
+
+#[test]
+fn quantized_decode_equals_f32_on_the_same_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        let path = dir.path().join(format!("tiny-{ty:?}.gguf"));
+        write_tiny_gguf(&path, ty);
+        let ids = [3u32, 77, 120, 5];
+        // Four rows take the quantized kernels; the f32 model multiplies the dequantized blocks.
+        let q = logits(&gguf_decoder(&path, true).unwrap(), &ids);
+        let f = logits(&gguf_decoder(&path, false).unwrap(), &ids);
+        let err = max_abs_diff(&q, &f);
+        assert!(
+            err < 1e-4,
+            "{ty:?}: quantized kernel vs f32 differ by {err}"
+        );
+    }
+}
+
+fn expect_err<T>(r: reft::Result<T>, what: &str) -> Error {
+    match r {
+        Ok(_) => panic!("{what}: loading succeeded"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn truncated_gguf_names_the_first_missing_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::F32);
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let msg = expect_err(gguf_decoder(&cut, true), "truncated GGUF").to_string();
+    assert!(
+        msg.contains("truncated") && msg.contains("tensor `"),
+        "{msg}"
+    );
+    assert!(msg.contains("cut.gguf"), "{msg}");
+    // Cut inside the header: still an error, not a panic.
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let msg = expect_err(gguf_decoder(&cut, true), "header-truncated GGUF").to_string();
+    assert!(msg.contains("not a readable GGUF"), "{msg}");
+    // Not a GGUF at all.
+    std::fs::write(&cut, b"definitely not a model file").unwrap();
+    let msg = expect_err(
+        LanguageModel::load(
+            cut.to_str().unwrap(),
+            &Device::Cpu,
+            &Default::default(),
+            &mut |_| {},
+        ),
+        "garbage",
+    )
+    .to_string();
+    assert!(msg.contains("not a readable GGUF"), "{msg}");
+}
+
+#[test]
+fn gguf_missing_metadata_and_tensor_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let cfg = DecoderConfig::from_hf_json(&tiny_llama_dir().join("config.json")).unwrap();
+    let t = QTensor::quantize(
+        &Tensor::zeros((cfg.vocab_size, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let arch = gguf_file::Value::String("llama".into());
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
+    drop(f);
+    let msg = expect_err(gguf_decoder(&path, false), "no metadata").to_string();
+    assert!(msg.contains("llama.embedding_length"), "{msg}");
+}
+
+/// Copies tiny-llama's folder with its safetensors replaced by `tensors`.
+fn folder_with(tensors: Vec<(String, Tensor)>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        tiny_llama_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&map, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn safetensors_with_a_wrong_shape_is_named() {
+    let bad = "model.layers.1.mlp.up_proj.weight";
+    let tensors = hf_tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == bad {
+                (n, t.narrow(0, 0, t.dim(0).unwrap() - 1).unwrap())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let dir = folder_with(tensors);
+    match expect_err(hf_decoder(dir.path()), "wrong shape") {
+        Error::ShapeMismatch {
+            name,
+            expected,
+            actual,
+            ..
+        } => {
+            assert_eq!(name, bad);
+            assert_eq!(expected, vec![128, 64]);
+            assert_eq!(actual, vec![127, 64]);
+        }
+        e => panic!("expected a shape mismatch, got {e}"),
+    }
+}
+
+#[test]
+fn safetensors_missing_or_truncated_are_errors() {
+    let gone = "model.layers.2.self_attn.v_proj.weight";
+    let dir = folder_with(
+        hf_tensors()
+            .into_iter()
+            .filter(|(n, _)| n != gone)
+            .collect(),
+    );
+    let msg = expect_err(hf_decoder(dir.path()), "missing tensor").to_string();
+    assert!(msg.contains(gone), "{msg}");
+
+    let st = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = expect_err(hf_decoder(dir.path()), "truncated safetensors").to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn folder_without_tokenizer_is_a_clear_error() {
+    let msg = expect_err(
+        LanguageModel::load_hf_folder(&tiny_llama_dir(), &Device::Cpu, DType::F32),
+        "no tokenizer",
+    )
+    .to_string();
+    assert!(msg.contains("no tokenizer.json"), "{msg}");
+}
+
+#[test]
+fn unknown_model_name_lists_the_known_ones() {
+    let msg = expect_err(
+        LanguageModel::load(
+            "no-such-model-xyz",
+            &Device::Cpu,
+            &Default::default(),
+            &mut |_| {},
+        ),
+        "unknown",
+    )
+    .to_string();
+    assert!(msg.contains("smollm2-135m-instruct"), "{msg}");
+}
