@@ -17,6 +17,7 @@ pub mod hub;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod quant;
 pub mod template;
 pub mod tokenizer;

@@ -55,12 +55,7 @@ impl FrozenLinear {
         let in_dim = *dims.last().expect("linear input has at least one dim");
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let fast = match &self.quant {
-            Some(q) if !x.track_op() && rows <= QUANT_MAX_ROWS && x.dtype() == DType::F32 => {
-                x.device().is_cpu().then_some(q)
-            }
-            _ => None,
-        };
+        let fast = self.quant.as_ref().filter(|_| quant_eligible(x, rows));
         let y = match fast {
             Some(q) => q.matmul_t(&x2)?,
             None => x2.detach().matmul(&self.weight.t()?)?,
@@ -82,6 +77,65 @@ impl FrozenLinear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// Whether a product with `rows` rows of `x` may use quantized blocks: inference only (no
+/// graph), few rows, f32 on the CPU.
+fn quant_eligible(x: &Tensor, rows: usize) -> bool {
+    !x.track_op() && rows <= QUANT_MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+/// Several frozen linears over the same input (q/k/v; gate/up). When their quantized blocks
+/// can be used, one stacked matrix computes all of them in one parallel call, which halves the
+/// thread hand-offs per decoded token; otherwise each runs on its own.
+#[derive(Debug, Clone)]
+pub struct FusedLinears {
+    parts: Vec<FrozenLinear>,
+    stacked: Option<std::sync::Arc<QuantWeight>>,
+}
+
+impl FusedLinears {
+    /// Groups `parts`; stacking happens only if every part has quantized blocks of one format.
+    pub fn new(parts: Vec<FrozenLinear>) -> Self {
+        let quants: Option<Vec<&QuantWeight>> = parts.iter().map(|p| p.quant.as_deref()).collect();
+        let stacked = quants
+            .and_then(|q| QuantWeight::concat_rows(&q))
+            .map(std::sync::Arc::new);
+        Self { parts, stacked }
+    }
+
+    /// The parts.
+    pub fn parts(&self) -> &[FrozenLinear] {
+        &self.parts
+    }
+
+    /// Applies every part to `x` `[…, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has at least one dim");
+        let rows = x.elem_count() / in_dim.max(1);
+        let Some(stacked) = self.stacked.as_ref().filter(|_| quant_eligible(x, rows)) else {
+            return self.parts.iter().map(|p| p.forward(x)).collect();
+        };
+        let y = stacked.matmul_t(&x.reshape((rows, in_dim))?)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(self.parts.len());
+        for p in &self.parts {
+            let width = p.weight.dim(0)?;
+            let mut part_dims = dims.clone();
+            *part_dims.last_mut().expect("non-empty dims") = width;
+            let t = y
+                .narrow(1, start, width)?
+                .contiguous()?
+                .reshape(part_dims)?;
+            out.push(match &p.bias {
+                Some(b) => t.broadcast_add(b)?,
+                None => t,
+            });
+            start += width;
+        }
+        Ok(out)
     }
 }
 

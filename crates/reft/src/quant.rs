@@ -14,7 +14,6 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 use crate::Result;
 
@@ -169,31 +168,35 @@ impl QuantWeight {
         // Per-block sums of x, for the min/offset terms.
         let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let mut out_t = vec![0f32; self.out_dim * rows];
-        // Few, large tasks: each parallel call costs thread wake-ups.
-        let chunk = (self.out_dim / (2 * rayon::current_num_threads())).max(16);
         let vb = self.format.value_bytes() * nb;
-        out_t
-            .par_chunks_mut(chunk * rows)
-            .enumerate()
-            .for_each(|(ci, dst)| {
-                for (k, o) in dst.chunks_mut(rows).enumerate() {
-                    let j = ci * chunk + k;
-                    let row = Row {
-                        scales: &self.scales[j * nb..(j + 1) * nb],
-                        mins: if self.mins.is_empty() {
-                            &[]
-                        } else {
-                            &self.mins[j * nb..(j + 1) * nb]
-                        },
-                        values: &self.values[j * vb..(j + 1) * vb],
-                    };
-                    for (r, slot) in o.iter_mut().enumerate() {
-                        let x = &xs[r * in_dim..(r + 1) * in_dim];
-                        let s = &sums[r * nb..(r + 1) * nb];
-                        *slot = dot(self.format, &row, x, s);
-                    }
+        let parts = crate::parallel::parts();
+        let per_part = self.out_dim.div_ceil(parts);
+        let slots: Vec<std::sync::Mutex<&mut [f32]>> = out_t
+            .chunks_mut(per_part * rows)
+            .map(std::sync::Mutex::new)
+            .collect();
+        crate::parallel::for_each_part(&|part| {
+            let Some(slot) = slots.get(part) else { return };
+            let mut dst = slot.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, o) in dst.chunks_mut(rows).enumerate() {
+                let j = part * per_part + k;
+                let row = Row {
+                    scales: &self.scales[j * nb..(j + 1) * nb],
+                    mins: if self.mins.is_empty() {
+                        &[]
+                    } else {
+                        &self.mins[j * nb..(j + 1) * nb]
+                    },
+                    values: &self.values[j * vb..(j + 1) * vb],
+                };
+                for (r, out) in o.iter_mut().enumerate() {
+                    let x = &xs[r * in_dim..(r + 1) * in_dim];
+                    let s = &sums[r * nb..(r + 1) * nb];
+                    *out = dot(self.format, &row, x, s);
                 }
-            });
+            }
+        });
+        drop(slots);
         let t = Tensor::from_vec(out_t, (self.out_dim, rows), &Device::Cpu)?;
         Ok(if rows == 1 {
             t.reshape((1, self.out_dim))?

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::DecoderConfig;
 use super::{Component, Hooks, KvCache, Site, SiteContext};
-use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear};
+use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
 
@@ -16,15 +16,14 @@ use crate::{Error, Result};
 const MASKED: f64 = -1e30;
 
 struct Attention {
-    q: FrozenLinear,
-    k: FrozenLinear,
-    v: FrozenLinear,
+    /// q, k and v projections.
+    qkv: FusedLinears,
     o: FrozenLinear,
 }
 
 struct Mlp {
-    gate: FrozenLinear,
-    up: FrozenLinear,
+    /// Gate and up projections.
+    gate_up: FusedLinears,
     down: FrozenLinear,
 }
 
@@ -91,6 +90,7 @@ impl Decoder {
             keep_quantized,
         };
         let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let get = |name: &str, shape: &[usize]| source.get(name, shape, &ctx);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<FrozenLinear> {
             let (w, q) = source.get_linear(&format!("{name}.weight"), &[out, inp], &ctx)?;
@@ -111,34 +111,18 @@ impl Decoder {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
                 post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 attn: Attention {
-                    q: linear(
-                        &format!("{p}.self_attn.q_proj"),
-                        cfg.num_heads * hd,
-                        d,
-                        bias,
-                    )?,
-                    k: linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        cfg.num_kv_heads * hd,
-                        d,
-                        bias,
-                    )?,
-                    v: linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        cfg.num_kv_heads * hd,
-                        d,
-                        bias,
-                    )?,
-                    o: linear(
-                        &format!("{p}.self_attn.o_proj"),
-                        d,
-                        cfg.num_heads * hd,
-                        false,
-                    )?,
+                    qkv: FusedLinears::new(vec![
+                        linear(&format!("{p}.self_attn.q_proj"), nh * hd, d, bias)?,
+                        linear(&format!("{p}.self_attn.k_proj"), nkv * hd, d, bias)?,
+                        linear(&format!("{p}.self_attn.v_proj"), nkv * hd, d, bias)?,
+                    ]),
+                    o: linear(&format!("{p}.self_attn.o_proj"), d, nh * hd, false)?,
                 },
                 mlp: Mlp {
-                    gate: linear(&format!("{p}.mlp.gate_proj"), i, d, false)?,
-                    up: linear(&format!("{p}.mlp.up_proj"), i, d, false)?,
+                    gate_up: FusedLinears::new(vec![
+                        linear(&format!("{p}.mlp.gate_proj"), i, d, false)?,
+                        linear(&format!("{p}.mlp.up_proj"), i, d, false)?,
+                    ]),
                     down: linear(&format!("{p}.mlp.down_proj"), d, i, false)?,
                 },
             });
@@ -237,10 +221,11 @@ impl Decoder {
             let a = hook(l, Component::AttentionOutput, a)?;
             h = (h + a)?;
             let x = rms_norm(&h, &layer.post_attention_norm, self.cfg.rms_norm_eps)?;
+            let gate_up = layer.mlp.gate_up.forward(&x)?;
             let m = layer
                 .mlp
                 .down
-                .forward(&(layer.mlp.gate.forward(&x)?.silu()? * layer.mlp.up.forward(&x)?)?)?;
+                .forward(&(gate_up[0].silu()? * &gate_up[1])?)?;
             let m = hook(l, Component::MlpOutput, m)?;
             h = (h + m)?;
             h = hook(l, Component::BlockOutput, h)?;
@@ -264,21 +249,10 @@ impl Decoder {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let q = attn
-            .q
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = attn
-            .k
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = attn
-            .v
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        let qkv = attn.qkv.forward(x)?;
+        let q = qkv[0].reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = qkv[1].reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = qkv[2].reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
