@@ -84,7 +84,7 @@ fn helper(shared: &Shared, part: usize) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 shared.sleeping[part - 1].store(true, Ordering::SeqCst);
                 if shared.epoch.load(Ordering::SeqCst) == seen {
                     std::thread::park();

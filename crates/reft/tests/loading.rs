@@ -1,5 +1,6 @@
-//! Loading from GGUF files made here from `tiny-llama`, and the failure modes of bad inputs:
-//! each must be a clear error that names the file, tensor or key at fault, never a panic.
+//! Loading: GGUF files made here from `tiny-llama`, sharded and half-precision safetensors, and
+//! the failure modes of bad inputs — each a clear error that names the file, tensor or key at
+//! fault, never a panic.
 
 mod common;
 
@@ -307,4 +308,54 @@ fn unknown_model_name_lists_the_known_ones() {
     )
     .to_string();
     assert!(msg.contains("smollm2-135m-instruct"), "{msg}");
+}
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let tensors = hf_tensors();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        tiny_llama_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let half = tensors.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let map: std::collections::HashMap<String, Tensor> = chunk.iter().cloned().collect();
+        candle_core::safetensors::save(&map, dir.path().join(&file)).unwrap();
+        for (n, _) in chunk.iter() {
+            weight_map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let ids = [3u32, 77, 120, 5];
+    let one = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
+    let sharded = logits(&hf_decoder(dir.path()).unwrap(), &ids);
+    assert_eq!(max_abs_diff(&one, &sharded), 0.0);
+}
+
+#[test]
+fn bf16_and_f16_weights_become_f32() {
+    let ids = [3u32, 77, 120, 5];
+    let reference = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
+    for dt in [DType::BF16, DType::F16] {
+        let tensors = hf_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_dtype(dt).unwrap()))
+            .collect();
+        let dir = folder_with(tensors);
+        let m = hf_decoder(dir.path()).unwrap();
+        let l = logits(&m, &ids);
+        assert_eq!(l.dtype(), DType::F32);
+        let err = max_abs_diff(&reference, &l);
+        // Rounding the weights to 8 (bf16) or 11 (f16) mantissa bits moves logits a little.
+        assert!(err > 0.0 && err < 0.05, "{dt:?}: {err}");
+    }
 }
