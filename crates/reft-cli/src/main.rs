@@ -25,6 +25,9 @@ enum Command {
     Chat(commands::chat::Args),
     /// Print the token ids of a text as a JSON array (no special tokens added).
     Tokenize(commands::tokenize::Args),
+    /// Inspect adapters; convert between reft and pyreft folders.
+    #[command(subcommand)]
+    Adapter(commands::adapter::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Adapter(c) => commands::adapter::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

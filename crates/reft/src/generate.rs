@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::model::llama::ForwardInput;
-use crate::model::{Decoder, Hooks, KvCache, NoHooks};
+use crate::model::{Decoder, Hooks, KvCache, NoHooks, PromptLayout};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -215,6 +215,10 @@ pub fn generate(
         );
     }
     let any_pad = layout.left_pad.iter().any(|&p| p > 0);
+    hooks.prepare(&PromptLayout {
+        prompt_lens: prompts.iter().map(Vec::len).collect(),
+        left_pad: layout.left_pad.clone(),
+    })?;
     let ids = Tensor::from_vec(rows, (b, layout.width), device)?;
     let mut cache = KvCache::new(model.config().num_layers);
     let input = ForwardInput {

@@ -11,13 +11,16 @@
 
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod intervention;
 pub mod load;
 pub mod model;
 pub mod ops;
 pub mod parallel;
+pub mod position;
 pub mod quant;
 pub mod template;
 pub mod tokenizer;

@@ -4,10 +4,9 @@ use std::io::{BufRead, Write};
 
 use anyhow::Result;
 use reft::generate::generate;
-use reft::model::NoHooks;
 use reft::template::Message;
 
-use super::{ModelArgs, SamplingArgs};
+use super::{AdapterArgs, ModelArgs, SamplingArgs};
 
 /// Arguments of `reft chat`.
 #[derive(clap::Args, Debug)]
@@ -18,12 +17,16 @@ pub struct Args {
     #[arg(long)]
     system: Option<String>,
     #[command(flatten)]
+    adapters: AdapterArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let lm = args.model.load()?;
-    let cfg = args.sampling.config(&lm)?;
+    let mut cfg = args.sampling.config(&lm)?;
+    cfg.hooks_on_generated = args.adapters.every_token;
+    let mut adapters = args.adapters.load(&lm)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(Message::new("system", s.clone()));
@@ -51,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
             &lm.tokenizer,
             &[ids],
             &cfg,
-            &mut NoHooks,
+            &mut adapters,
             &mut |_, t| {
                 if io_err.is_none() {
                     io_err = out.write_all(t.as_bytes()).and_then(|_| out.flush()).err();

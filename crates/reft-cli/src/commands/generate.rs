@@ -4,10 +4,9 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use reft::generate::generate;
-use reft::model::NoHooks;
 use reft::template::Message;
 
-use super::{ModelArgs, SamplingArgs};
+use super::{AdapterArgs, ModelArgs, SamplingArgs};
 
 /// Arguments of `reft generate`.
 #[derive(clap::Args, Debug)]
@@ -24,12 +23,16 @@ pub struct Args {
     #[arg(long, requires = "chat")]
     system: Option<String>,
     #[command(flatten)]
+    adapters: AdapterArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let lm = args.model.load()?;
-    let cfg = args.sampling.config(&lm)?;
+    let mut cfg = args.sampling.config(&lm)?;
+    cfg.hooks_on_generated = args.adapters.every_token;
+    let mut adapters = args.adapters.load(&lm)?;
     let mut prompts = Vec::with_capacity(args.prompt.len());
     for p in &args.prompt {
         let ids = if args.chat {
@@ -56,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
         &lm.tokenizer,
         &prompts,
         &cfg,
-        &mut NoHooks,
+        &mut adapters,
         &mut |_, text| {
             if stream && io_err.is_none() {
                 if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {

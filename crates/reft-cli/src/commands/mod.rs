@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the options they share.
 
+pub mod adapter;
 pub mod chat;
 pub mod generate;
 pub mod tokenize;
@@ -22,6 +23,44 @@ pub struct ModelArgs {
     /// (slower; the blocks are multiplied with f32 activations, so results barely differ).
     #[arg(long)]
     pub f32_decode: bool,
+}
+
+/// Adapters to apply.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// A reft or pyreft adapter folder (repeatable: several adapters at once, if their sites and
+    /// positions do not collide).
+    #[arg(long = "adapter")]
+    pub adapters: Vec<std::path::PathBuf>,
+    /// Positions for pyreft folders, which do not record them.
+    #[arg(long, default_value = "l1")]
+    pub pyreft_positions: String,
+    /// Intervene on every generated token too (default: the prompt only; its edits reach later
+    /// tokens through the KV cache).
+    #[arg(long)]
+    pub every_token: bool,
+}
+
+impl AdapterArgs {
+    /// Loads the adapters for `lm` (checking they were made for it).
+    pub fn load(&self, lm: &LanguageModel) -> Result<reft::adapter::AdapterSet> {
+        let base = reft::adapter::BaseModel::of(lm);
+        let dev = lm.decoder.device().clone();
+        let mut adapters = Vec::new();
+        for dir in &self.adapters {
+            let mut a = reft::adapter::Adapter::open(
+                dir,
+                Some(&base),
+                &self.pyreft_positions,
+                DType::F32,
+                &dev,
+            )
+            .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+            a.set_every_token(self.every_token);
+            adapters.push(a);
+        }
+        Ok(reft::adapter::AdapterSet { adapters })
+    }
 }
 
 impl ModelArgs {

@@ -94,10 +94,36 @@ pub struct SiteContext {
     pub past_len: usize,
 }
 
+/// Where each example's prompt sits in the batch about to run: what position-based hooks
+/// (interventions) need to find "the last prompt token" in padded, batched passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptLayout {
+    /// Prompt length of each example, in tokens.
+    pub prompt_lens: Vec<usize>,
+    /// Padding columns before each example's first token (left padding); 0 for right padding.
+    pub left_pad: Vec<usize>,
+}
+
+impl PromptLayout {
+    /// Unpadded prompts of these lengths (right padding, if any, comes after them).
+    pub fn unpadded(prompt_lens: Vec<usize>) -> Self {
+        let n = prompt_lens.len();
+        Self {
+            prompt_lens,
+            left_pad: vec![0; n],
+        }
+    }
+}
+
 /// Receives hidden states at the sites it asks for, and may edit them.
 pub trait Hooks {
     /// The sites this hook wants to see. Sites not listed cost nothing.
     fn sites(&self) -> Vec<Site>;
+
+    /// Called before a batch's passes with where its prompts are. The default ignores it.
+    fn prepare(&mut self, _layout: &PromptLayout) -> Result<()> {
+        Ok(())
+    }
 
     /// Called with the hidden states `[batch, seq, d]` at `site`; returning `Some(t)` replaces
     /// them by `t` (same shape) for the rest of the forward pass.
@@ -151,6 +177,11 @@ impl Hooks for Recorder {
 pub struct Chain<'a>(pub &'a mut dyn Hooks, pub &'a mut dyn Hooks);
 
 impl Hooks for Chain<'_> {
+    fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
+        self.0.prepare(layout)?;
+        self.1.prepare(layout)
+    }
+
     fn sites(&self) -> Vec<Site> {
         let mut s = self.0.sites();
         s.extend(self.1.sites());

@@ -1,0 +1,32 @@
+//! ConsReFT: `Φ(h) = h + (b − R h) R` — an input-independent target in a learned subspace (the
+//! paper's memorisation kind).
+
+use candle_core::Tensor;
+
+use super::{get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use crate::Result;
+
+pub struct Consreft;
+
+impl KindDef for Consreft {
+    fn specs(&self, d: usize, r: usize, _: &KindOptions) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec {
+                name: "R",
+                shape: vec![r, d],
+                init: Init::Orthogonal,
+            },
+            ParamSpec {
+                name: "b",
+                shape: vec![r],
+                init: Init::UnitUniform,
+            },
+        ]
+    }
+
+    fn delta(&self, h: &Tensor, p: &Effective, _: Activation) -> Result<Tensor> {
+        let r = get(p, "R")?;
+        let diff = h.matmul(&r.t()?)?.neg()?.broadcast_add(get(p, "b")?)?;
+        Ok(diff.matmul(r)?)
+    }
+}

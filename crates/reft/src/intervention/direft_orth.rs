@@ -1,0 +1,36 @@
+//! pyreft's `DireftIntervention`: `Φ(h) = h + act(W h + b) R` with orthonormal `R`.
+
+use candle_core::Tensor;
+
+use super::{affine, get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use crate::Result;
+
+pub struct DireftOrth;
+
+impl KindDef for DireftOrth {
+    fn specs(&self, d: usize, r: usize, _: &KindOptions) -> Vec<ParamSpec> {
+        let bound = 1.0 / (d as f64).sqrt();
+        vec![
+            ParamSpec {
+                name: "R",
+                shape: vec![r, d],
+                init: Init::Orthogonal,
+            },
+            ParamSpec {
+                name: "W",
+                shape: vec![r, d],
+                init: Init::Uniform(bound),
+            },
+            ParamSpec {
+                name: "b",
+                shape: vec![r],
+                init: Init::Uniform(bound),
+            },
+        ]
+    }
+
+    fn delta(&self, h: &Tensor, p: &Effective, act: Activation) -> Result<Tensor> {
+        let z = act.apply(&affine(h, get(p, "W")?, Some(get(p, "b")?))?)?;
+        Ok(z.matmul(get(p, "R")?)?)
+    }
+}
