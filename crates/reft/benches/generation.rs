@@ -1,5 +1,6 @@
 //! Prefill and decode throughput on SmolLM2-135M-Instruct (f32 compute), with and without the
-//! GGUF blocks for decoding. Prints medians; run with `cargo bench -p reft --bench generation`.
+//! GGUF blocks for decoding, and the cost of a prompt-only rank-4 LoReFT adapter on generation.
+//! Prints medians; run with `cargo bench -p reft --bench generation`.
 
 use std::time::Instant;
 
@@ -88,5 +89,45 @@ fn main() -> reft::Result<()> {
             median(decode)
         );
     }
+    adapter_overhead(&path, &dev, runs)
+}
+
+/// Whole-generation time (prompt pass + 64 greedy tokens) with and without a prompt-only rank-4
+/// LoReFT at layer 15 on the last prompt token, interleaved runs.
+fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
+    use reft::adapter::{Adapter, AdapterConfig, AdapterSpec, BaseModel};
+    let lm = LanguageModel::load(path.to_str().expect("utf-8 path"), dev, &LoadOptions::default(), &mut |_| {})?;
+    let spec: AdapterSpec = serde_json::from_str(
+        r#"{"interventions": [{"kind": "loreft", "layers": 15, "rank": 4, "positions": "l1"}]}"#,
+    )
+    .expect("valid spec");
+    let config = AdapterConfig {
+        format_version: 1,
+        base_model: Some(BaseModel::of(&lm)),
+        interventions: spec.expand(lm.decoder.config().num_layers)?,
+        template: None,
+        training: None,
+    };
+    let mut adapter = Adapter::init(config, lm.decoder.config().hidden_size, 0, candle_core::DType::F32, dev)?;
+    let msgs = [reft::template::Message::new("user", "Tell me a story about a lighthouse keeper.")];
+    let prompt = lm.tokenizer.encode(&lm.chat_template.render(&msgs, true)?)?;
+    let cfg = GenerationConfig { max_new_tokens: 64, ..Default::default() };
+    let (mut plain, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..runs + 2 {
+        let t = Instant::now();
+        generate(&lm.decoder, &lm.tokenizer, std::slice::from_ref(&prompt), &cfg, &mut NoHooks, &mut |_, _| {})?;
+        plain.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        generate(&lm.decoder, &lm.tokenizer, std::slice::from_ref(&prompt), &cfg, &mut adapter, &mut |_, _| {})?;
+        with.push(t.elapsed().as_secs_f64());
+    }
+    let (p, w) = (median(plain), median(with));
+    println!(
+        "generation of 64 tokens ({} prompt tokens): plain {:.1} ms, with a prompt-only rank-4 LoReFT {:.1} ms: overhead {:+.2} %",
+        prompt.len(),
+        p * 1e3,
+        w * 1e3,
+        100.0 * (w - p) / p
+    );
     Ok(())
 }

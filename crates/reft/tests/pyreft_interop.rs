@@ -16,6 +16,8 @@ fn pyreft_adapter_reproduces_pyreft_generations() {
     let p = smollm2_path();
     let lm = LanguageModel::load(p.to_str().unwrap(), &dev, &Default::default(), &mut |_| {}).unwrap();
     let base = BaseModel::of(&lm);
+    // pyreft prints the base model's size from PyTorch's count: 134,515,008.
+    assert_eq!(lm.decoder.num_parameters(), 134_515_008);
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures_dir().join("pyreft_adapter_expected.json")).unwrap(),
     )
