@@ -119,7 +119,9 @@ fn invalid_sampling_options_are_rejected() {
 fn fixtures() -> std::path::PathBuf {
     match std::env::var_os("REFT_FIXTURES") {
         Some(p) => p.into(),
-        None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+        None => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        }
     }
 }
 
@@ -135,10 +137,20 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
     let want = format!("{}\n", case["greedy_text"].as_str().unwrap());
     let gen = |adapter: &std::path::Path| {
         let out = reft(&[
-            "generate", "--chat", "--max-new-tokens", "24", "--prompt", question,
-            "--adapter", adapter.to_str().unwrap(),
+            "generate",
+            "--chat",
+            "--max-new-tokens",
+            "24",
+            "--prompt",
+            question,
+            "--adapter",
+            adapter.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     // A pyreft folder directly (positions default to l1, as recorded in the fixture).
@@ -146,19 +158,49 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
 
     let tmp = tempfile::tempdir().unwrap();
     let native = tmp.path().join("native");
-    let out = reft(&["adapter", "import-pyreft", pyreft_dir.to_str().unwrap(), native.to_str().unwrap(), "--model", "smollm2-135m-instruct"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = reft(&[
+        "adapter",
+        "import-pyreft",
+        pyreft_dir.to_str().unwrap(),
+        native.to_str().unwrap(),
+        "--model",
+        "smollm2-135m-instruct",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(gen(&native), want);
 
     let out = reft(&["adapter", "inspect", native.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("loreft rank 4 at layer 6 block_output, positions l1"), "{text}");
-    assert!(text.contains("trainable intervention params: 4,612"), "{text}");
+    assert!(
+        text.contains("loreft rank 4 at layer 6 block_output, positions l1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trainable intervention params: 4,612"),
+        "{text}"
+    );
 
     let back = tmp.path().join("pyreft-again");
-    let out = reft(&["adapter", "export-pyreft", native.to_str().unwrap(), back.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = reft(&[
+        "adapter",
+        "export-pyreft",
+        native.to_str().unwrap(),
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(gen(&back), want);
 }
 
@@ -166,7 +208,13 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
 fn adapter_for_another_model_is_refused_by_generate() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("reft_config.json"), r#"{"format_version":1,"base_model":{"architecture":"llama","hidden_size":64,"num_layers":4,"vocab_size":512,"tokenizer_fingerprint":"x"},"interventions":[{"kind":"steer","layer":1,"positions":"l1"}]}"#).unwrap();
-    let out = reft(&["generate", "--prompt", "hi", "--adapter", tmp.path().to_str().unwrap()]);
+    let out = reft(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--adapter",
+        tmp.path().to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("made for another model"), "{err}");

@@ -96,7 +96,12 @@ fn main() -> reft::Result<()> {
 /// LoReFT at layer 15 on the last prompt token, interleaved runs.
 fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
     use reft::adapter::{Adapter, AdapterConfig, AdapterSpec, BaseModel};
-    let lm = LanguageModel::load(path.to_str().expect("utf-8 path"), dev, &LoadOptions::default(), &mut |_| {})?;
+    let lm = LanguageModel::load(
+        path.to_str().expect("utf-8 path"),
+        dev,
+        &LoadOptions::default(),
+        &mut |_| {},
+    )?;
     let spec: AdapterSpec = serde_json::from_str(
         r#"{"interventions": [{"kind": "loreft", "layers": 15, "rank": 4, "positions": "l1"}]}"#,
     )
@@ -108,17 +113,45 @@ fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::
         template: None,
         training: None,
     };
-    let mut adapter = Adapter::init(config, lm.decoder.config().hidden_size, 0, candle_core::DType::F32, dev)?;
-    let msgs = [reft::template::Message::new("user", "Tell me a story about a lighthouse keeper.")];
-    let prompt = lm.tokenizer.encode(&lm.chat_template.render(&msgs, true)?)?;
-    let cfg = GenerationConfig { max_new_tokens: 64, ..Default::default() };
+    let mut adapter = Adapter::init(
+        config,
+        lm.decoder.config().hidden_size,
+        0,
+        candle_core::DType::F32,
+        dev,
+    )?;
+    let msgs = [reft::template::Message::new(
+        "user",
+        "Tell me a story about a lighthouse keeper.",
+    )];
+    let prompt = lm
+        .tokenizer
+        .encode(&lm.chat_template.render(&msgs, true)?)?;
+    let cfg = GenerationConfig {
+        max_new_tokens: 64,
+        ..Default::default()
+    };
     let (mut plain, mut with) = (Vec::new(), Vec::new());
     for _ in 0..runs + 2 {
         let t = Instant::now();
-        generate(&lm.decoder, &lm.tokenizer, std::slice::from_ref(&prompt), &cfg, &mut NoHooks, &mut |_, _| {})?;
+        generate(
+            &lm.decoder,
+            &lm.tokenizer,
+            std::slice::from_ref(&prompt),
+            &cfg,
+            &mut NoHooks,
+            &mut |_, _| {},
+        )?;
         plain.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        generate(&lm.decoder, &lm.tokenizer, std::slice::from_ref(&prompt), &cfg, &mut adapter, &mut |_, _| {})?;
+        generate(
+            &lm.decoder,
+            &lm.tokenizer,
+            std::slice::from_ref(&prompt),
+            &cfg,
+            &mut adapter,
+            &mut |_, _| {},
+        )?;
         with.push(t.elapsed().as_secs_f64());
     }
     let (p, w) = (median(plain), median(with));

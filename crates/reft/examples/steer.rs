@@ -17,9 +17,12 @@ use reft::LanguageModel;
 fn main() -> reft::Result<()> {
     reft::ops::enable_flush_to_zero();
     let dev = Device::Cpu;
-    let lm = LanguageModel::load(reft::hub::DEFAULT_MODEL, &dev, &Default::default(), &mut |m| {
-        eprintln!("{m}")
-    })?;
+    let lm = LanguageModel::load(
+        reft::hub::DEFAULT_MODEL,
+        &dev,
+        &Default::default(),
+        &mut |m| eprintln!("{m}"),
+    )?;
     let layer = 12;
     let site = Site::new(layer, Component::BlockOutput);
 
@@ -28,7 +31,8 @@ fn main() -> reft::Result<()> {
         let ids = lm.tokenizer.encode(text)?;
         let ids = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
         let mut rec = Recorder::new([site]);
-        lm.decoder.forward(&ForwardInput::new(&ids), &mut rec, None)?;
+        lm.decoder
+            .forward(&ForwardInput::new(&ids), &mut rec, None)?;
         Ok(rec.states[&site].squeeze(0)?.mean(0)?)
     };
     let vector = ((mean_state("I love this! Wonderful, delightful, happy.")?
@@ -69,7 +73,8 @@ fn main() -> reft::Result<()> {
     println!("{}", adapter.parameter_summary(lm.decoder.num_parameters()));
 
     let prompt = lm.tokenizer.encode(
-        &lm.chat_template.render(&[Message::new("user", "Describe your day at work.")], true)?,
+        &lm.chat_template
+            .render(&[Message::new("user", "Describe your day at work.")], true)?,
     )?;
     let cfg = GenerationConfig {
         max_new_tokens: 40,
@@ -77,8 +82,22 @@ fn main() -> reft::Result<()> {
         hooks_on_generated: true,
         ..Default::default()
     };
-    let plain = generate(&lm.decoder, &lm.tokenizer, &[prompt.clone()], &cfg, &mut NoHooks, &mut |_, _| {})?;
-    let steered = generate(&lm.decoder, &lm.tokenizer, &[prompt], &cfg, &mut adapter, &mut |_, _| {})?;
+    let plain = generate(
+        &lm.decoder,
+        &lm.tokenizer,
+        std::slice::from_ref(&prompt),
+        &cfg,
+        &mut NoHooks,
+        &mut |_, _| {},
+    )?;
+    let steered = generate(
+        &lm.decoder,
+        &lm.tokenizer,
+        &[prompt],
+        &cfg,
+        &mut adapter,
+        &mut |_, _| {},
+    )?;
     println!("plain:   {}", plain[0].text);
     println!("steered: {}", steered[0].text);
 
@@ -86,6 +105,10 @@ fn main() -> reft::Result<()> {
     let dir = std::env::temp_dir().join("reft-steer-example");
     adapter.save(&dir)?;
     let again = Adapter::load(&dir, Some(&BaseModel::of(&lm)), DType::F32, &dev)?;
-    println!("saved to {} ({} parameters)", dir.display(), again.num_parameters());
+    println!(
+        "saved to {} ({} parameters)",
+        dir.display(),
+        again.num_parameters()
+    );
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use reft::adapter::pickle::{read_torch_file, write_torch_file, PickleValue};
+use reft::adapter::pickle::{read_torch_bytes, read_torch_file, write_torch_file, PickleValue};
 use reft::adapter::pyreft::{
     read_pyreft, torch_orthogonal_state, torch_orthogonal_weight, write_pyreft, PyreftIntervention,
 };
@@ -416,6 +416,23 @@ fn unknown_opcodes_and_non_dict_pickles_are_errors() {
         msg.contains("archive/data/0") && msg.contains("missing"),
         "{msg}"
     );
+    // A stride-0 view claiming 2^40 elements of a 4-element storage must not allocate them:
+    // size (4,) stride (1,) → size (2^40,) stride (0,).
+    let (from, to): (&[u8], &[u8]) = (
+        b"K\x04\x85K\x01\x85",
+        b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85K\x00\x85",
+    );
+    let at = pkl.windows(from.len()).position(|w| w == from).unwrap();
+    let huge = [&pkl[..at], to, &pkl[at + from.len()..]].concat();
+    let mut zw = zip::ZipWriter::new(std::fs::File::create(&file).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    zw.start_file("archive/data.pkl", opts).unwrap();
+    zw.write_all(&huge).unwrap();
+    zw.start_file("archive/data/0", opts).unwrap();
+    zw.write_all(&[0u8; 16]).unwrap();
+    zw.finish().unwrap();
+    let msg = read_torch_file(&file).unwrap_err().to_string();
+    assert!(msg.contains("more elements than its storage"), "{msg}");
 }
 
 #[test]
@@ -490,6 +507,51 @@ fn truncated_or_corrupt_bin_is_a_clear_error() {
     .unwrap();
     let msg = read_pyreft(&dir).unwrap_err().to_string();
     assert!(msg.contains("intkey_layer_6"), "{msg}");
+}
+
+#[test]
+fn mutated_pickles_never_panic() {
+    // Every byte of the fixture's data.pkl flipped in a few ways, and every truncation, repacked
+    // with valid CRCs so that the interpreter (not the zip check) sees the damage.
+    let src = fixtures_dir()
+        .join("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
+    let mut z = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+    let mut records = Vec::new();
+    for i in 0..z.len() {
+        let mut f = z.by_index(i).unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut data).unwrap();
+        records.push((f.name().to_string(), data));
+    }
+    let pkl_at = records
+        .iter()
+        .position(|(n, _)| n.ends_with("/data.pkl"))
+        .unwrap();
+    let pkl = records[pkl_at].1.clone();
+    let pack = |p: &[u8]| {
+        let mut zw = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (i, (name, data)) in records.iter().enumerate() {
+            zw.start_file(name.as_str(), opts).unwrap();
+            zw.write_all(if i == pkl_at { p } else { data }).unwrap();
+        }
+        zw.finish().unwrap().into_inner()
+    };
+    let path = Path::new("mutated.bin");
+    let mut errors = 0;
+    for i in 0..pkl.len() {
+        for mask in [0x01u8, 0x80, 0xff] {
+            let mut p = pkl.clone();
+            p[i] ^= mask;
+            errors += read_torch_bytes(&pack(&p), path).is_err() as usize;
+        }
+        errors += read_torch_bytes(&pack(&pkl[..i]), path).is_err() as usize;
+    }
+    assert!(
+        errors > pkl.len(),
+        "most damage must be detected ({errors})"
+    );
 }
 
 #[test]
@@ -573,6 +635,7 @@ fn matmul(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
 }
 
 /// PyTorch's Householder map written out the long way: full reflection matrices multiplied.
+#[allow(clippy::needless_range_loop)] // indices mirror the math
 fn householder_reference(x: &[Vec<f64>], base: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let (n, k) = (x.len(), x[0].len());
     let mut q: Vec<Vec<f64>> = (0..n)

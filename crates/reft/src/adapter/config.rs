@@ -231,7 +231,7 @@ impl AdapterSpec {
             } else {
                 vec![None]
             };
-            if matches!(s.kind, Kind::Red | Kind::Steer) == false && s.rank == 0 {
+            if !matches!(s.kind, Kind::Red | Kind::Steer) && s.rank == 0 {
                 return Err(Error::InvalidArgument(format!(
                     "{} needs a rank ≥ 1",
                     s.kind.name()

@@ -124,7 +124,7 @@ fn read_record_opt<R: Read + Seek>(
     };
     // The size comes from the zip directory; cap the reservation so a lying header cannot make
     // us allocate more than the entry can really hold.
-    let mut buf = Vec::with_capacity(f.size().min(1 << 30) as usize);
+    let mut buf = Vec::with_capacity(f.size().min(1 << 26) as usize);
     f.read_to_end(&mut buf).map_err(|e| {
         bad(
             path,
@@ -791,6 +791,14 @@ impl<'a, 'p, R: Read + Seek> Machine<'a, 'p, R> {
             .iter()
             .try_fold(1usize, |a, &s| a.checked_mul(s))
             .ok_or_else(|| self.err("tensor size overflows"))?;
+        // Output is allocated from `count`, so bound it by the storage: a stride-0 (expanded)
+        // view could otherwise ask for any amount of memory. Saved parameters never are one.
+        if count > numel {
+            return Err(self.err(format!(
+                "tensor of size {shape:?} has more elements than its storage of {numel} \
+                 (an expanded view; not supported)"
+            )));
+        }
         // The furthest element the view touches must lie inside the storage.
         if count > 0 {
             let mut last = offset;

@@ -33,6 +33,10 @@
 //!   and load each `intkey_*.bin` with `load_state_dict`; our files match that state dict.
 //! - pyreft builds `learned_source` in bf16 unless told otherwise, so W/b round to bf16 on load
 //!   there; the files hold f32.
+//!
+//! (Checked against pyreft 0.1.0, pyvene 0.1.8 and PyTorch 2.x: `torch.load(weights_only=True)`
+//! opens our files, strict `load_state_dict` accepts them with R reproduced bit for bit, and our
+//! reader gives PyTorch's R to f32 rounding for folders pyreft's own `save` wrote.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -326,7 +330,11 @@ fn key_spellings(
 fn pick_key(dir: &Path, candidates: &[String], sorted: Option<&[String]>, i: usize) -> String {
     let exists = |k: &str| dir.join(format!("intkey_{k}.bin")).exists();
     for c in candidates {
-        if sorted.map_or(true, |s| s.contains(c)) && exists(c) {
+        let listed = match sorted {
+            Some(s) => s.contains(c),
+            None => true,
+        };
+        if listed && exists(c) {
             return c.clone();
         }
     }

@@ -156,10 +156,18 @@ impl Decoder {
     pub fn num_parameters(&self) -> usize {
         let c = &self.cfg;
         let (d, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let bias = if c.attention_bias { (c.num_heads + 2 * c.num_kv_heads) * hd } else { 0 };
+        let bias = if c.attention_bias {
+            (c.num_heads + 2 * c.num_kv_heads) * hd
+        } else {
+            0
+        };
         let attn = d * c.num_heads * hd * 2 + d * c.num_kv_heads * hd * 2 + bias;
         let layer = attn + 3 * d * i + 2 * d;
-        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * d };
+        let head = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * d
+        };
         c.vocab_size * d + c.num_layers * layer + d + head
     }
 
