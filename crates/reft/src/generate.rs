@@ -225,6 +225,7 @@ pub fn generate(
         input_ids: &ids,
         attention_mask: any_pad.then_some(mask.as_slice()),
         position_ids: any_pad.then_some(positions.as_slice()),
+        start: None,
     };
     let hidden = model.forward(&input, hooks, Some(&mut cache))?;
     let mut logits = last_logits(model, &hidden)?;
@@ -271,6 +272,7 @@ pub fn generate(
             input_ids: &ids,
             attention_mask: any_pad.then_some(mask.as_slice()),
             position_ids: any_pad.then_some(pos.as_slice()),
+            start: None,
         };
         let hidden = if cfg.hooks_on_generated {
             model.forward(&input, hooks, Some(&mut cache))?

@@ -47,6 +47,7 @@ fn block_output_gradient_equals_finite_differences() {
             input_ids: &ids,
             attention_mask: Some(&mask),
             position_ids: None,
+            start: None,
         };
         let h = model.forward(&input, &mut hooks, None).unwrap();
         causal_lm_loss(&model.lm_head(&h).unwrap(), &labels).unwrap()

@@ -206,6 +206,7 @@ fn check_decoder_case(case: &Case, model_dir: &Path) {
         input_ids: &ids_t,
         attention_mask: Some(&mask),
         position_ids: None,
+        start: None,
     };
     let hidden = decoder.forward(&input, hooks, None).unwrap();
     let logits = decoder.lm_head(&hidden).unwrap();

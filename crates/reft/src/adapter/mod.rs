@@ -33,6 +33,8 @@ pub struct Adapter {
     effective: Vec<Option<Effective>>,
     /// Per intervention, the links from effective `R` leaves to raw matrices (training only).
     links: Vec<Vec<OrthoLink>>,
+    /// Per example, the sequence position just past its prompt (left padding included).
+    prompt_end: Vec<usize>,
 }
 
 impl std::fmt::Debug for Adapter {
@@ -81,6 +83,7 @@ impl Adapter {
             rows: vec![Vec::new(); n],
             effective: vec![None; n],
             links: vec![Vec::new(); n],
+            prompt_end: Vec::new(),
         }
     }
 
@@ -126,6 +129,38 @@ impl Adapter {
                     .map(move |(n, v)| (format!("interventions.{i}.{n}"), v))
             })
             .collect()
+    }
+
+    /// Recomputes the effective parameters (once per optimiser step: `R` from its raw matrix).
+    pub fn refresh_params(&mut self) -> Result<()> {
+        for i in 0..self.interventions.len() {
+            self.refresh_effective(i)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves every intervention's positions for the prompts of the next pass, keeping the
+    /// current effective parameters (so one step's examples share one graph of `R`).
+    pub fn set_layout(&mut self, layout: &PromptLayout) -> Result<()> {
+        for i in 0..self.interventions.len() {
+            let mut per_example = Vec::with_capacity(layout.prompt_lens.len());
+            for (&len, &pad) in layout.prompt_lens.iter().zip(&layout.left_pad) {
+                per_example.push(
+                    self.positions_of(i, len)?
+                        .into_iter()
+                        .map(|p| pad + p)
+                        .collect(),
+                );
+            }
+            self.rows[i] = per_example;
+        }
+        self.prompt_end = layout
+            .prompt_lens
+            .iter()
+            .zip(&layout.left_pad)
+            .map(|(l, p)| l + p)
+            .collect();
+        Ok(())
     }
 
     fn refresh_effective(&mut self, i: usize) -> Result<()> {
@@ -270,6 +305,7 @@ impl Adapter {
                 .collect();
             self.refresh_effective(i)?;
         }
+        self.prompt_end = vec![usize::MAX; left_pad.len()];
         Ok(())
     }
 }
@@ -288,20 +324,8 @@ impl Hooks for Adapter {
     }
 
     fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
-        for i in 0..self.interventions.len() {
-            let mut per_example = Vec::with_capacity(layout.prompt_lens.len());
-            for (&len, &pad) in layout.prompt_lens.iter().zip(&layout.left_pad) {
-                per_example.push(
-                    self.positions_of(i, len)?
-                        .into_iter()
-                        .map(|p| pad + p)
-                        .collect(),
-                );
-            }
-            self.rows[i] = per_example;
-            self.refresh_effective(i)?;
-        }
-        Ok(())
+        self.refresh_params()?;
+        self.set_layout(layout)
     }
 
     fn on_site(
@@ -316,28 +340,32 @@ impl Hooks for Adapter {
             if Site::new(c.layer, c.component) != site {
                 continue;
             }
-            let rows: Vec<u32> = if ctx.past_len == 0 {
-                let per_example = &self.rows[i];
-                if per_example.len() != b {
-                    return Err(Error::InvalidArgument(format!(
-                        "adapter prepared for {} examples, the batch has {b} (call Hooks::prepare)",
-                        per_example.len()
-                    )));
+            // Column `c` of this pass is sequence position `past + c` (left padding included).
+            let past = ctx.past_len;
+            let per_example = &self.rows[i];
+            if per_example.len() != b {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter prepared for {} examples, the batch has {b} (call Hooks::prepare)",
+                    per_example.len()
+                )));
+            }
+            let mut rows: Vec<u32> = Vec::new();
+            for (bi, ps) in per_example.iter().enumerate() {
+                for &p in ps {
+                    if p >= past && p < past + t {
+                        rows.push((bi * t + p - past) as u32);
+                    }
                 }
-                per_example
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(bi, ps)| {
-                        ps.iter()
-                            .filter(|&&p| p < t)
-                            .map(move |&p| (bi * t + p) as u32)
-                    })
-                    .collect()
-            } else if self.every_token {
-                (0..(b * t) as u32).collect()
-            } else {
-                continue;
-            };
+                // Generated tokens: every column past the prompt, when asked for.
+                if self.every_token {
+                    let end = self.prompt_end[bi];
+                    for c in 0..t {
+                        if past + c >= end {
+                            rows.push((bi * t + c) as u32);
+                        }
+                    }
+                }
+            }
             if rows.is_empty() {
                 continue;
             }

@@ -33,6 +33,15 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Keeps only the first `len` positions (e.g. a prompt prefix reused across training steps).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?.contiguous()?;
+            *v = v.narrow(2, 0, len)?.contiguous()?;
+        }
+        Ok(())
+    }
+
     /// Appends this step's keys and values for `layer` and returns the full keys and values.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match self.layers[layer].take() {

@@ -45,6 +45,11 @@ pub struct ForwardInput<'a> {
     /// Per sequence, the RoPE position of each of this pass's tokens. `None`: the cache length
     /// plus the column index (right padding or no padding).
     pub position_ids: Option<&'a [Vec<u32>]>,
+    /// Start at the input of this layer with these hidden states `[batch, seq, d]` instead of
+    /// embedding `input_ids` (whose shape still gives batch and length). Used to skip frozen
+    /// layers whose output is cached. A hook at `block_output` of the layer before is applied
+    /// to them first.
+    pub start: Option<(usize, &'a Tensor)>,
 }
 
 impl<'a> ForwardInput<'a> {
@@ -54,6 +59,7 @@ impl<'a> ForwardInput<'a> {
             input_ids,
             attention_mask: None,
             position_ids: None,
+            start: None,
         }
     }
 }
@@ -211,11 +217,18 @@ impl Decoder {
         let (cos, sin) = self.rope_tables(b, t, past, input.position_ids)?;
         let mask = self.attention_mask(b, t, past, input.attention_mask)?;
 
-        let ids = input.input_ids.flatten_all()?;
-        let mut h = self
-            .embed
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let (first_layer, mut h) = match input.start {
+            Some((layer, h)) => (layer, h.clone()),
+            None => {
+                let ids = input.input_ids.flatten_all()?;
+                (
+                    0,
+                    self.embed
+                        .index_select(&ids, 0)?
+                        .reshape((b, t, self.cfg.hidden_size))?,
+                )
+            }
+        };
         let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
             let site = Site::new(layer, c);
             if !sites.contains(&site) {
@@ -232,7 +245,10 @@ impl Decoder {
                 ))),
             }
         };
-        for (l, layer) in self.layers.iter().enumerate() {
+        if first_layer > 0 {
+            h = hook(first_layer - 1, Component::BlockOutput, h)?;
+        }
+        for (l, layer) in self.layers.iter().enumerate().skip(first_layer) {
             h = hook(l, Component::BlockInput, h)?;
             let x = rms_norm(&h, &layer.input_norm, self.cfg.rms_norm_eps)?;
             let kv = cache.as_deref_mut().map(|c| (c, l));
