@@ -19,6 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run pyreft's quickstart end to end: train an emoji adapter on the default model, then
+    /// answer unseen prompts with and without it.
+    Quickstart(commands::quickstart::Args),
+    /// Train an adapter from a data file.
+    Train(Box<commands::train::Args>),
     /// Generate text from a prompt (greedy unless --temperature is given).
     Generate(commands::generate::Args),
     /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends).
@@ -34,6 +39,8 @@ fn main() -> std::process::ExitCode {
     reft::ops::enable_flush_to_zero();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Quickstart(a) => commands::quickstart::run(a),
+        Command::Train(a) => commands::train::run(*a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Tokenize(a) => commands::tokenize::run(a),

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod hub;
@@ -24,6 +25,7 @@ pub mod position;
 pub mod quant;
 pub mod template;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -2,6 +2,9 @@
 
 pub mod adapter;
 pub mod chat;
+pub mod plot;
+pub mod quickstart;
+pub mod train;
 pub mod generate;
 pub mod tokenize;
 

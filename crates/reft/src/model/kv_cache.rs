@@ -28,6 +28,11 @@ impl KvCache {
             .unwrap_or(0)
     }
 
+    /// Number of cached scalars (keys and values, all layers).
+    pub fn elem_count(&self) -> usize {
+        self.layers.iter().flatten().map(|(k, v)| k.elem_count() + v.elem_count()).sum()
+    }
+
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

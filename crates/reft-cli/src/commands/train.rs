@@ -1,0 +1,336 @@
+//! `reft train`: train an adapter from a data file, with progress, metrics and checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use reft::adapter::config::LayerSpec;
+use reft::adapter::{Adapter, AdapterConfig, AdapterSpec, BaseModel, InterventionSpec};
+use reft::data::{read_records, tokenize, Example, Fields, Template, TokenizeOptions};
+use reft::intervention::{Activation, Kind};
+use reft::model::Component;
+use reft::train::{AdamWConfig, Event, Schedule, TrainConfig, Trainer};
+use reft::LanguageModel;
+use serde::Deserialize;
+
+use super::ModelArgs;
+
+/// Arguments of `reft train` (every field can also come from `--config run.toml`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data: JSONL, JSON, CSV or TSV.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data file.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data instead.
+    #[arg(long)]
+    pub eval_fraction: Option<f64>,
+    /// Prompt template: raw, chat, alpaca.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Prompt field name.
+    #[arg(long)]
+    pub prompt_field: Option<String>,
+    /// Response field name.
+    #[arg(long)]
+    pub response_field: Option<String>,
+    /// Intervention kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Layers: `15`, `3;9;18`, `0..8`, `all`.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Component: block_output, block_input, attention_output, mlp_output.
+    #[arg(long)]
+    pub component: Option<String>,
+    /// Rank.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Positions: fN, lN, fN+lN, all, or a list.
+    #[arg(long)]
+    pub positions: Option<String>,
+    /// One intervention per layer for both sets of fN+lN (default).
+    #[arg(long, conflicts_with = "untied")]
+    pub tied: bool,
+    /// Separate interventions for the first and last sets of fN+lN.
+    #[arg(long)]
+    pub untied: bool,
+    /// Activation inside the intervention.
+    #[arg(long)]
+    pub act: Option<String>,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimiser step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Warmup ratio.
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Weight decay (applied to every intervention parameter).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Schedule: linear, cosine, constant.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Dropout on the edit.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Longest sequence in tokens.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Seed (data order, initialisation).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N optimiser steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Recompute every example in full each step (same losses, slower).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Continue from a checkpoint folder of the same run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Output folder: adapter, metrics.jsonl, loss.png, checkpoints.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Read the fields above from a TOML file (flags given on the command line win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The same fields, from a TOML file.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileArgs {
+    model: Option<String>,
+    data: Option<PathBuf>,
+    eval_data: Option<PathBuf>,
+    eval_fraction: Option<f64>,
+    template: Option<String>,
+    prompt_field: Option<String>,
+    response_field: Option<String>,
+    kind: Option<String>,
+    layers: Option<toml::Value>,
+    component: Option<String>,
+    rank: Option<usize>,
+    positions: Option<String>,
+    tied: Option<bool>,
+    act: Option<String>,
+    epochs: Option<usize>,
+    lr: Option<f64>,
+    batch_size: Option<usize>,
+    grad_accum: Option<usize>,
+    warmup: Option<f64>,
+    weight_decay: Option<f64>,
+    schedule: Option<String>,
+    dropout: Option<f64>,
+    max_length: Option<usize>,
+    seed: Option<u64>,
+    save_every: Option<usize>,
+    out: Option<PathBuf>,
+}
+
+impl Args {
+    fn merge_file(&mut self) -> Result<()> {
+        let Some(path) = &self.config else { return Ok(()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: FileArgs = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        macro_rules! fill {
+            ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = f.$field; } )* };
+        }
+        fill!(data, eval_data, eval_fraction, template, prompt_field, response_field, kind, component, rank, positions, act, epochs, lr, batch_size, grad_accum, warmup, weight_decay, schedule, dropout, max_length, seed, save_every, out);
+        if self.layers.is_none() {
+            self.layers = f.layers.map(|v| match v {
+                toml::Value::String(s) => s,
+                other => other.to_string().trim_matches(['[', ']']).replace(',', ";").replace(' ', ""),
+            });
+        }
+        if let Some(m) = f.model {
+            if self.model.model == reft::hub::DEFAULT_MODEL {
+                self.model.model = m;
+            }
+        }
+        if f.tied == Some(false) && !self.tied {
+            self.untied = true;
+        }
+        Ok(())
+    }
+}
+
+/// Everything needed to train, resolved from flags and file.
+pub struct Plan {
+    pub spec: AdapterSpec,
+    pub train_cfg: TrainConfig,
+    pub template: Template,
+    pub out: PathBuf,
+    pub seed: u64,
+}
+
+fn plan(a: &Args) -> Result<Plan> {
+    let kind: Kind = a.kind.as_deref().unwrap_or("loreft").parse()?;
+    let layers = a.layers.clone().unwrap_or_else(|| "15".into());
+    let spec = AdapterSpec {
+        interventions: vec![InterventionSpec {
+            kind,
+            layers: LayerSpec::Text(layers),
+            component: a.component.as_deref().unwrap_or("block_output").parse::<Component>()?,
+            rank: a.rank.unwrap_or(4),
+            positions: a.positions.clone().unwrap_or_else(|| "l1".into()),
+            tied: !a.untied,
+            act: a.act.as_deref().unwrap_or("linear").parse::<Activation>()?,
+            dropout: a.dropout.unwrap_or(0.0),
+            proj_bias: true,
+        }],
+    };
+    let seed = a.seed.unwrap_or(42);
+    let train_cfg = TrainConfig {
+        epochs: a.epochs.unwrap_or(3),
+        batch_size: a.batch_size.unwrap_or(8),
+        grad_accum: a.grad_accum.unwrap_or(1),
+        optim: AdamWConfig { lr: a.lr.unwrap_or(4e-3), weight_decay: a.weight_decay.unwrap_or(0.0), ..Default::default() },
+        schedule: a.schedule.as_deref().unwrap_or("linear").parse::<Schedule>()?,
+        warmup_ratio: a.warmup.unwrap_or(0.0),
+        max_grad_norm: 1.0,
+        seed,
+        cache_prefix: !a.no_prefix_cache,
+        cache_budget_bytes: 2 << 30,
+        checkpoint_every: a.save_every,
+    };
+    let template: Template = a.template.as_deref().unwrap_or("chat").parse()?;
+    let out = a.out.clone().context("--out DIR is required")?;
+    Ok(Plan { spec, train_cfg, template, out, seed })
+}
+
+pub fn run(mut a: Args) -> Result<()> {
+    a.merge_file()?;
+    let p = plan(&a)?;
+    let data = a.data.clone().context("--data FILE is required")?;
+    let lm = a.model.load()?;
+    let fields = Fields {
+        prompt: a.prompt_field.clone().unwrap_or_else(|| "prompt".into()),
+        response: a.response_field.clone().unwrap_or_else(|| "response".into()),
+        ..Default::default()
+    };
+    let tok = TokenizeOptions { template: p.template, add_eos: true, max_length: a.max_length };
+    let (mut train, truncated) = examples(&lm, &data, &fields, &tok)?;
+    let eval = match (&a.eval_data, a.eval_fraction) {
+        (Some(f), _) => examples(&lm, f, &fields, &tok)?.0,
+        (None, Some(frac)) => {
+            if !(0.0..1.0).contains(&frac) {
+                bail!("--eval-fraction must be in [0, 1)");
+            }
+            let n = ((train.len() as f64) * frac).round() as usize;
+            train.split_off(train.len() - n)
+        }
+        (None, None) => Vec::new(),
+    };
+    if truncated > 0 {
+        eprintln!("{truncated} example(s) were truncated to --max-length");
+    }
+    train_and_save(&lm, p, train, eval, a.resume.as_deref())
+}
+
+fn examples(lm: &LanguageModel, path: &Path, fields: &Fields, tok: &TokenizeOptions) -> Result<(Vec<Example>, usize)> {
+    let records = read_records(path, fields).with_context(|| format!("reading {}", path.display()))?;
+    Ok(tokenize(lm, &records, tok)?)
+}
+
+/// Trains with a progress bar, Ctrl-C handling and the output folder; returns the adapter.
+pub fn train_and_save(
+    lm: &LanguageModel,
+    p: Plan,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    resume: Option<&Path>,
+) -> Result<()> {
+    let _ = train_adapter(lm, p, train, eval, resume)?;
+    Ok(())
+}
+
+/// The training loop behind `train` and `quickstart`.
+pub fn train_adapter(
+    lm: &LanguageModel,
+    p: Plan,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    resume: Option<&Path>,
+) -> Result<Adapter> {
+    let d = lm.decoder.config().hidden_size;
+    let config = AdapterConfig {
+        format_version: 1,
+        base_model: Some(BaseModel::of(lm)),
+        interventions: p.spec.expand(lm.decoder.config().num_layers)?,
+        template: Some(format!("{:?}", p.template).to_lowercase()),
+        training: None,
+    };
+    let adapter = Adapter::init(config, d, p.seed, DType::F32, lm.decoder.device())?;
+    eprintln!("{}", adapter.parameter_summary(lm.decoder.num_parameters()));
+    let n_train = train.len();
+    let mut trainer = Trainer::new(lm, adapter, train, eval, p.train_cfg.clone())?.with_output(&p.out)?;
+    if let Some(dir) = resume {
+        trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+        eprintln!("resumed at step {}", trainer.step());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let bar = ProgressBar::new(trainer.total_steps() as u64);
+    bar.set_position(trainer.step() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let result = trainer.run(
+        &mut |e| match e {
+            Event::Step(m) => {
+                bar.set_message(format!(
+                    "loss {:.4} lr {:.2e} {:.0} tok/s",
+                    m.loss,
+                    m.lr,
+                    m.tokens as f64 / m.step_time_s.max(1e-9)
+                ));
+                bar.inc(1);
+            }
+            Event::Epoch { epoch, eval_loss: Some(l) } => bar.println(format!("epoch {epoch}: held-out loss {l:.4}")),
+            Event::Epoch { .. } => {}
+            Event::Checkpoint(dir) => bar.set_message(format!("saved {}", dir.display())),
+        },
+        &|| stop.load(Ordering::SeqCst),
+    );
+    bar.finish();
+    result?;
+    let mut adapter = trainer.adapter;
+    let last = trainer.metrics.last().cloned();
+    adapter.config_mut().training = Some(serde_json::json!({
+        "examples": n_train,
+        "steps": last.as_ref().map(|m| m.step),
+        "final_loss": last.as_ref().map(|m| m.loss),
+        "seed": p.seed,
+        "config": p.train_cfg,
+        "tool": format!("reft {}", env!("CARGO_PKG_VERSION")),
+    }));
+    adapter.save(&p.out)?;
+    super::plot::loss_png(&trainer.metrics, &p.out.join("loss.png"))?;
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("interrupted: checkpoint saved under {}", p.out.display());
+    } else {
+        eprintln!("adapter saved to {}", p.out.display());
+    }
+    Ok(adapter)
+}

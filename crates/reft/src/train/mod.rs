@@ -1,0 +1,423 @@
+//! Training adapters on causal LMs (SPEC §5, §7).
+//!
+//! Loss: mean next-token cross-entropy over response tokens, the LM head applied only at
+//! labelled positions. Speed comes from what ReFT leaves frozen: each example's frozen prefix —
+//! every layer below the lowest intervened one, and every position before the first edited one
+//! at all layers — is computed once, kept (hidden states at the start layer, keys/values of the
+//! prefix), and each step recomputes only the edited position onwards from the start layer.
+
+pub mod optim;
+mod prefix;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Adapter;
+use crate::data::Example;
+use crate::load::LanguageModel;
+use crate::model::llama::ForwardInput;
+use crate::model::PromptLayout;
+use crate::{Error, Result};
+
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+use prefix::PrefixCache;
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// AdamW settings (peak learning rate, weight decay, …).
+    pub optim: AdamWConfig,
+    /// Schedule after warmup.
+    pub schedule: Schedule,
+    /// Fraction of steps spent warming up linearly.
+    pub warmup_ratio: f64,
+    /// Global-norm clipping (0 = off).
+    pub max_grad_norm: f64,
+    /// Seed of data order.
+    pub seed: u64,
+    /// Reuse each example's frozen prefix across steps (same losses, much faster).
+    pub cache_prefix: bool,
+    /// Memory budget of that cache in bytes; examples beyond it run in full.
+    pub cache_budget_bytes: usize,
+    /// Save a checkpoint every this many optimiser steps (and at the end).
+    pub checkpoint_every: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 8,
+            grad_accum: 1,
+            optim: AdamWConfig::default(),
+            schedule: Schedule::Linear,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            cache_prefix: true,
+            cache_budget_bytes: 2 << 30,
+            checkpoint_every: None,
+        }
+    }
+}
+
+/// One optimiser step's record (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based optimiser step.
+    pub step: usize,
+    /// Epochs completed, fractional.
+    pub epoch: f64,
+    /// Mean loss over the step's response tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Response tokens in the step.
+    pub tokens: usize,
+    /// Wall time of the step.
+    pub step_time_s: f64,
+}
+
+/// What [`Trainer::run`] reports as it goes.
+pub enum Event<'a> {
+    /// An optimiser step finished.
+    Step(&'a StepMetrics),
+    /// An epoch finished, with the held-out loss if there is held-out data.
+    Epoch {
+        /// The epoch just finished (1-based).
+        epoch: usize,
+        /// Mean held-out loss.
+        eval_loss: Option<f64>,
+    },
+    /// A checkpoint was written.
+    Checkpoint(&'a Path),
+}
+
+/// Trains one adapter on examples.
+pub struct Trainer<'a> {
+    lm: &'a LanguageModel,
+    /// The adapter being trained.
+    pub adapter: Adapter,
+    opt: AdamW,
+    cfg: TrainConfig,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    caches: Vec<Option<PrefixCache>>,
+    step: usize,
+    /// Every step so far.
+    pub metrics: Vec<StepMetrics>,
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    config: TrainConfig,
+    metrics: Vec<StepMetrics>,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer for `adapter` on `train` (and `eval`, held out).
+    pub fn new(
+        lm: &'a LanguageModel,
+        mut adapter: Adapter,
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: TrainConfig,
+    ) -> Result<Self> {
+        if train.is_empty() {
+            return Err(Error::InvalidArgument("the training set is empty".into()));
+        }
+        if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
+            return Err(Error::InvalidArgument("epochs, batch size and accumulation must be ≥ 1".into()));
+        }
+        adapter.set_training(true);
+        let opt = AdamW::new(adapter.vars(), cfg.optim)?;
+        let mut caches = Vec::with_capacity(train.len());
+        let mut used = 0usize;
+        for ex in &train {
+            let c = if cfg.cache_prefix && used < cfg.cache_budget_bytes {
+                let c = PrefixCache::build(lm, &adapter, ex)?;
+                used += c.bytes();
+                Some(c)
+            } else {
+                None
+            };
+            caches.push(c);
+        }
+        Ok(Self { lm, adapter, opt, cfg, train, eval, caches, step: 0, metrics: Vec::new(), out: None })
+    }
+
+    /// Writes `metrics.jsonl`, checkpoints and the final adapter under `dir`.
+    pub fn with_output(mut self, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.out = Some(dir.to_path_buf());
+        Ok(self)
+    }
+
+    fn micro_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.cfg.batch_size)
+    }
+
+    /// Optimiser steps per epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.micro_per_epoch().div_ceil(self.cfg.grad_accum)
+    }
+
+    /// Optimiser steps in the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.cfg.epochs
+    }
+
+    /// Steps already taken (after a resume, the checkpoint's).
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.train.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.cfg.seed.wrapping_add(epoch as u64));
+        idx.shuffle(&mut rng);
+        idx
+    }
+
+    /// Summed cross-entropy over one example's response tokens (a graph when training).
+    fn example_loss(&mut self, i: usize, ex_set: Set) -> Result<(Tensor, usize)> {
+        let ex = match ex_set {
+            Set::Train => &self.train[i],
+            Set::Eval => &self.eval[i],
+        };
+        let cache = match ex_set {
+            Set::Train => self.caches[i].as_ref(),
+            Set::Eval => None,
+        };
+        let ids = ex.ids();
+        let p = ex.prompt_ids.len();
+        let r = ex.response_ids.len();
+        let dev = self.lm.decoder.device();
+        self.adapter.set_layout(&PromptLayout::unpadded(vec![p]))?;
+        let (p0, mut kv, start) = match cache {
+            Some(c) => (c.p0, c.kv.clone(), c.hidden.as_ref().map(|h| (c.start_layer, h))),
+            None => (0, crate::model::KvCache::new(self.lm.decoder.config().num_layers), None),
+        };
+        let tail = Tensor::new(&ids[p0..], dev)?.unsqueeze(0)?;
+        let input = ForwardInput { input_ids: &tail, attention_mask: None, position_ids: None, start };
+        let h = self.lm.decoder.forward(&input, &mut self.adapter, Some(&mut kv))?;
+        // Logits only where a label exists: position t predicts token t + 1.
+        let rows = h.narrow(1, p - 1 - p0, r)?.squeeze(0)?;
+        let logits = self.lm.decoder.lm_head(&rows)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::new(ex.response_ids.as_slice(), dev)?.unsqueeze(1)?;
+        let picked = logp.gather(&targets, 1)?;
+        Ok((picked.sum_all()?.neg()?, r))
+    }
+
+    /// Mean held-out loss (no graph), if there is held-out data.
+    pub fn eval_loss(&mut self) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        self.adapter.set_training(false);
+        self.adapter.refresh_params()?;
+        let (mut sum, mut n) = (0f64, 0usize);
+        let result = (|| -> Result<()> {
+            for i in 0..self.eval.len() {
+                let (l, t) = self.example_loss(i, Set::Eval)?;
+                sum += l.to_scalar::<f32>()? as f64;
+                n += t;
+            }
+            Ok(())
+        })();
+        self.adapter.set_training(true);
+        result?;
+        Ok(Some(sum / n.max(1) as f64))
+    }
+
+    /// One optimiser step over the given micro-batches of example indices.
+    fn optimiser_step(&mut self, micro: &[Vec<usize>], epoch_progress: f64) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let vars = self.adapter.vars();
+        let mut acc: Option<candle_core::backprop::GradStore> = None;
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for batch in micro {
+            self.adapter.refresh_params()?;
+            let mut total: Option<Tensor> = None;
+            let mut n = 0;
+            for &i in batch {
+                let (l, t) = self.example_loss(i, Set::Train)?;
+                n += t;
+                total = Some(match total {
+                    Some(s) => (s + l)?,
+                    None => l,
+                });
+            }
+            let total = total.ok_or_else(|| Error::InvalidArgument("empty micro-batch".into()))?;
+            let value = total.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "the loss became {value} at step {}: training stopped; the last checkpoint is kept",
+                    self.step + 1
+                )));
+            }
+            loss_sum += value;
+            tokens += n;
+            let loss = (total / (n as f64 * micro.len() as f64))?;
+            let grads = self.adapter.backward(&loss)?;
+            acc = Some(match acc {
+                None => grads,
+                Some(mut a) => {
+                    for (_, v) in &vars {
+                        if let (Some(x), Some(y)) = (a.get(v.as_tensor()), grads.get(v.as_tensor())) {
+                            let s = (x + y)?;
+                            a.insert(v.as_tensor(), s);
+                        }
+                    }
+                    a
+                }
+            });
+        }
+        let mut grads = acc.ok_or_else(|| Error::InvalidArgument("no micro-batch".into()))?;
+        for (name, v) in &vars {
+            if grads.get(v.as_tensor()).is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "trainable tensor `{name}` received no gradient (is its intervention's layer or position reached?)"
+                )));
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.max_grad_norm)?;
+        let total = self.total_steps();
+        let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
+        let lr = self.cfg.optim.lr * self.cfg.schedule.factor(self.step, total, warmup);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        Ok(StepMetrics {
+            step: self.step,
+            epoch: epoch_progress,
+            loss: loss_sum / tokens.max(1) as f64,
+            lr,
+            grad_norm,
+            tokens,
+            step_time_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Runs to the end (or until `stop()` says so between steps), reporting through `on_event`.
+    pub fn run(
+        &mut self,
+        on_event: &mut dyn FnMut(Event),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        let spe = self.steps_per_epoch();
+        let total = self.total_steps();
+        while self.step < total {
+            let epoch = self.step / spe;
+            let in_epoch = self.step % spe;
+            let order = self.order(epoch);
+            let micro: Vec<Vec<usize>> =
+                order.chunks(self.cfg.batch_size).map(<[usize]>::to_vec).collect();
+            let group: Vec<Vec<usize>> = micro
+                .iter()
+                .skip(in_epoch * self.cfg.grad_accum)
+                .take(self.cfg.grad_accum)
+                .cloned()
+                .collect();
+            let progress = epoch as f64 + (in_epoch + 1) as f64 / spe as f64;
+            let m = self.optimiser_step(&group, progress)?;
+            self.append_metrics(&m)?;
+            on_event(Event::Step(&m));
+            self.metrics.push(m);
+            if self.step % spe == 0 {
+                let eval_loss = self.eval_loss()?;
+                on_event(Event::Epoch { epoch: self.step / spe, eval_loss });
+            }
+            let due = self.cfg.checkpoint_every.is_some_and(|k| k > 0 && self.step % k == 0);
+            if due || self.step == total || stop() {
+                if let Some(dir) = self.checkpoint()? {
+                    on_event(Event::Checkpoint(&dir));
+                }
+            }
+            if stop() {
+                break;
+            }
+        }
+        if let Some(out) = &self.out {
+            self.adapter.save(out)?;
+        }
+        Ok(())
+    }
+
+    fn append_metrics(&self, m: &StepMetrics) -> Result<()> {
+        let Some(out) = &self.out else { return Ok(()) };
+        let path = out.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let line = serde_json::to_string(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
+    }
+
+    /// Writes `checkpoint-<step>/` (adapter, optimiser state with the raw parameters, trainer
+    /// state) under the output folder; returns its path.
+    pub fn checkpoint(&self) -> Result<Option<PathBuf>> {
+        let Some(out) = &self.out else { return Ok(None) };
+        let dir = out.join(format!("checkpoint-{}", self.step));
+        self.adapter.save(&dir)?;
+        let (mut tensors, opt_step) = self.opt.state();
+        for (n, v) in self.adapter.vars() {
+            tensors.push((format!("param.{n}"), v.as_tensor().clone()));
+        }
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| Error::InvalidArgument(format!("serialising optimiser state: {e}")))?;
+        crate::adapter::native::write_atomic(&dir.join("optimizer.safetensors"), &bytes)?;
+        let state = TrainerState { step: self.step, config: self.cfg.clone(), metrics: self.metrics.clone() };
+        debug_assert_eq!(opt_step as usize, self.step);
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        crate::adapter::native::write_atomic(&dir.join("trainer_state.json"), json.as_bytes())?;
+        Ok(Some(dir))
+    }
+
+    /// Continues from a checkpoint written by [`checkpoint`](Self::checkpoint): parameters
+    /// (raw, exactly), optimiser moments, step and metrics.
+    pub fn resume(&mut self, dir: &Path) -> Result<()> {
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| Error::BadConfig { path: sp.clone(), msg: e.to_string() })?;
+        let op = dir.join("optimizer.safetensors");
+        let tensors = candle_core::safetensors::load(&op, self.lm.decoder.device())
+            .map_err(|e| Error::BadWeights { path: op.clone(), msg: e.to_string() })?;
+        for (n, v) in self.adapter.vars() {
+            let t = tensors.get(&format!("param.{n}")).ok_or_else(|| Error::BadWeights {
+                path: op.clone(),
+                msg: format!("no `param.{n}`: the checkpoint is for another adapter"),
+            })?;
+            v.set(t)?;
+        }
+        self.opt.restore(&tensors, state.step as u64)?;
+        self.step = state.step;
+        self.metrics = state.metrics;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Set {
+    Train,
+    Eval,
+}
