@@ -2,11 +2,11 @@
 
 pub mod adapter;
 pub mod chat;
+pub mod generate;
 pub mod plot;
 pub mod quickstart;
-pub mod train;
-pub mod generate;
 pub mod tokenize;
+pub mod train;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};

@@ -30,7 +30,11 @@ pub fn loss_png(metrics: &[StepMetrics], path: &Path) -> Result<()> {
     for x in x0..=x1 {
         put(x, y1, [0, 0, 0]);
     }
-    let max = metrics.iter().map(|m| m.loss).fold(0f64, f64::max).max(1e-9);
+    let max = metrics
+        .iter()
+        .map(|m| m.loss)
+        .fold(0f64, f64::max)
+        .max(1e-9);
     let n = metrics.len().max(2) - 1;
     let point = |i: usize, loss: f64| -> (f64, f64) {
         let x = x0 as f64 + (x1 - x0) as f64 * i as f64 / n as f64;
@@ -48,7 +52,8 @@ pub fn loss_png(metrics: &[StepMetrics], path: &Path) -> Result<()> {
             }
         }
     }
-    let file = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);

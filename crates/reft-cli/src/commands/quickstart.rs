@@ -53,7 +53,11 @@ pub fn run(a: Args) -> Result<()> {
     let data = a.out.join("quickstart_emoji.jsonl");
     std::fs::write(&data, DATA)?;
     let records = read_records(&data, &Fields::default())?;
-    let tok = TokenizeOptions { template: Template::Chat, add_eos: true, max_length: None };
+    let tok = TokenizeOptions {
+        template: Template::Chat,
+        add_eos: true,
+        max_length: None,
+    };
     let (train, _) = tokenize(&lm, &records, &tok)?;
     let spec = serde_json::from_str(
         r#"{"interventions": [{"kind": "loreft", "layers": 15, "component": "block_output", "rank": 4, "positions": "l1"}]}"#,
@@ -62,7 +66,10 @@ pub fn run(a: Args) -> Result<()> {
         epochs: a.epochs,
         batch_size: 10,
         grad_accum: 1,
-        optim: reft::train::AdamWConfig { lr: 4e-3, ..Default::default() },
+        optim: reft::train::AdamWConfig {
+            lr: 4e-3,
+            ..Default::default()
+        },
         schedule: reft::train::Schedule::Linear,
         warmup_ratio: 0.0,
         max_grad_norm: 1.0,
@@ -71,25 +78,66 @@ pub fn run(a: Args) -> Result<()> {
         cache_budget_bytes: 1 << 30,
         checkpoint_every: None,
     };
-    let plan = Plan { spec, train_cfg, template: Template::Chat, out: a.out.clone(), seed: a.seed };
+    let plan = Plan {
+        spec,
+        train_cfg,
+        template: Template::Chat,
+        out: a.out.clone(),
+        seed: a.seed,
+    };
     let mut adapter = train_adapter(&lm, plan, train, Vec::new(), None)?;
-    eprintln!("trained in {:.1} s (including model load)", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "trained in {:.1} s (including model load)",
+        t0.elapsed().as_secs_f64()
+    );
 
     let prompts: Vec<Vec<u32>> = HELD_OUT
         .iter()
-        .map(|q| lm.tokenizer.encode(&lm.chat_template.render(&[Message::new("user", *q)], true)?).map_err(Into::into))
+        .map(|q| {
+            lm.tokenizer
+                .encode(&lm.chat_template.render(&[Message::new("user", *q)], true)?)
+                .map_err(Into::into)
+        })
         .collect::<Result<_>>()?;
-    let cfg = GenerationConfig { max_new_tokens: 32, stop_ids: lm.tokenizer.eos_ids.clone(), ..Default::default() };
-    let plain = generate(&lm.decoder, &lm.tokenizer, &prompts, &cfg, &mut NoHooks, &mut |_, _| {})?;
-    let steered = generate(&lm.decoder, &lm.tokenizer, &prompts, &cfg, &mut adapter, &mut |_, _| {})?;
+    let cfg = GenerationConfig {
+        max_new_tokens: 32,
+        stop_ids: lm.tokenizer.eos_ids.clone(),
+        ..Default::default()
+    };
+    let plain = generate(
+        &lm.decoder,
+        &lm.tokenizer,
+        &prompts,
+        &cfg,
+        &mut NoHooks,
+        &mut |_, _| {},
+    )?;
+    let steered = generate(
+        &lm.decoder,
+        &lm.tokenizer,
+        &prompts,
+        &cfg,
+        &mut adapter,
+        &mut |_, _| {},
+    )?;
     let mut emoji_only = 0;
     for ((q, p), s) in HELD_OUT.iter().zip(&plain).zip(&steered) {
         let ok = !s.text.chars().any(char::is_alphabetic) && !s.text.trim().is_empty();
         emoji_only += usize::from(ok);
-        println!("Q: {q}\n  base:    {}\n  adapter: {}", one_line(&p.text), one_line(&s.text));
+        println!(
+            "Q: {q}\n  base:    {}\n  adapter: {}",
+            one_line(&p.text),
+            one_line(&s.text)
+        );
     }
-    println!("{emoji_only}/{} answers with the adapter have no letters", HELD_OUT.len());
-    println!("adapter, metrics.jsonl and loss.png are in {}", a.out.display());
+    println!(
+        "{emoji_only}/{} answers with the adapter have no letters",
+        HELD_OUT.len()
+    );
+    println!(
+        "adapter, metrics.jsonl and loss.png are in {}",
+        a.out.display()
+    );
     Ok(())
 }
 

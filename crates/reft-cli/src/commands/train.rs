@@ -146,17 +146,49 @@ struct FileArgs {
 
 impl Args {
     fn merge_file(&mut self) -> Result<()> {
-        let Some(path) = &self.config else { return Ok(()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let f: FileArgs = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let Some(path) = &self.config else {
+            return Ok(());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: FileArgs =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         macro_rules! fill {
             ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = f.$field; } )* };
         }
-        fill!(data, eval_data, eval_fraction, template, prompt_field, response_field, kind, component, rank, positions, act, epochs, lr, batch_size, grad_accum, warmup, weight_decay, schedule, dropout, max_length, seed, save_every, out);
+        fill!(
+            data,
+            eval_data,
+            eval_fraction,
+            template,
+            prompt_field,
+            response_field,
+            kind,
+            component,
+            rank,
+            positions,
+            act,
+            epochs,
+            lr,
+            batch_size,
+            grad_accum,
+            warmup,
+            weight_decay,
+            schedule,
+            dropout,
+            max_length,
+            seed,
+            save_every,
+            out
+        );
         if self.layers.is_none() {
             self.layers = f.layers.map(|v| match v {
                 toml::Value::String(s) => s,
-                other => other.to_string().trim_matches(['[', ']']).replace(',', ";").replace(' ', ""),
+                other => other
+                    .to_string()
+                    .trim_matches(['[', ']'])
+                    .replace(',', ";")
+                    .replace(' ', ""),
             });
         }
         if let Some(m) = f.model {
@@ -187,7 +219,11 @@ fn plan(a: &Args) -> Result<Plan> {
         interventions: vec![InterventionSpec {
             kind,
             layers: LayerSpec::Text(layers),
-            component: a.component.as_deref().unwrap_or("block_output").parse::<Component>()?,
+            component: a
+                .component
+                .as_deref()
+                .unwrap_or("block_output")
+                .parse::<Component>()?,
             rank: a.rank.unwrap_or(4),
             positions: a.positions.clone().unwrap_or_else(|| "l1".into()),
             tied: !a.untied,
@@ -201,8 +237,16 @@ fn plan(a: &Args) -> Result<Plan> {
         epochs: a.epochs.unwrap_or(3),
         batch_size: a.batch_size.unwrap_or(8),
         grad_accum: a.grad_accum.unwrap_or(1),
-        optim: AdamWConfig { lr: a.lr.unwrap_or(4e-3), weight_decay: a.weight_decay.unwrap_or(0.0), ..Default::default() },
-        schedule: a.schedule.as_deref().unwrap_or("linear").parse::<Schedule>()?,
+        optim: AdamWConfig {
+            lr: a.lr.unwrap_or(4e-3),
+            weight_decay: a.weight_decay.unwrap_or(0.0),
+            ..Default::default()
+        },
+        schedule: a
+            .schedule
+            .as_deref()
+            .unwrap_or("linear")
+            .parse::<Schedule>()?,
         warmup_ratio: a.warmup.unwrap_or(0.0),
         max_grad_norm: 1.0,
         seed,
@@ -212,7 +256,13 @@ fn plan(a: &Args) -> Result<Plan> {
     };
     let template: Template = a.template.as_deref().unwrap_or("chat").parse()?;
     let out = a.out.clone().context("--out DIR is required")?;
-    Ok(Plan { spec, train_cfg, template, out, seed })
+    Ok(Plan {
+        spec,
+        train_cfg,
+        template,
+        out,
+        seed,
+    })
 }
 
 pub fn run(mut a: Args) -> Result<()> {
@@ -222,10 +272,17 @@ pub fn run(mut a: Args) -> Result<()> {
     let lm = a.model.load()?;
     let fields = Fields {
         prompt: a.prompt_field.clone().unwrap_or_else(|| "prompt".into()),
-        response: a.response_field.clone().unwrap_or_else(|| "response".into()),
+        response: a
+            .response_field
+            .clone()
+            .unwrap_or_else(|| "response".into()),
         ..Default::default()
     };
-    let tok = TokenizeOptions { template: p.template, add_eos: true, max_length: a.max_length };
+    let tok = TokenizeOptions {
+        template: p.template,
+        add_eos: true,
+        max_length: a.max_length,
+    };
     let (mut train, truncated) = examples(&lm, &data, &fields, &tok)?;
     let eval = match (&a.eval_data, a.eval_fraction) {
         (Some(f), _) => examples(&lm, f, &fields, &tok)?.0,
@@ -244,8 +301,14 @@ pub fn run(mut a: Args) -> Result<()> {
     train_and_save(&lm, p, train, eval, a.resume.as_deref())
 }
 
-fn examples(lm: &LanguageModel, path: &Path, fields: &Fields, tok: &TokenizeOptions) -> Result<(Vec<Example>, usize)> {
-    let records = read_records(path, fields).with_context(|| format!("reading {}", path.display()))?;
+fn examples(
+    lm: &LanguageModel,
+    path: &Path,
+    fields: &Fields,
+    tok: &TokenizeOptions,
+) -> Result<(Vec<Example>, usize)> {
+    let records =
+        read_records(path, fields).with_context(|| format!("reading {}", path.display()))?;
     Ok(tokenize(lm, &records, tok)?)
 }
 
@@ -280,9 +343,12 @@ pub fn train_adapter(
     let adapter = Adapter::init(config, d, p.seed, DType::F32, lm.decoder.device())?;
     eprintln!("{}", adapter.parameter_summary(lm.decoder.num_parameters()));
     let n_train = train.len();
-    let mut trainer = Trainer::new(lm, adapter, train, eval, p.train_cfg.clone())?.with_output(&p.out)?;
+    let mut trainer =
+        Trainer::new(lm, adapter, train, eval, p.train_cfg.clone())?.with_output(&p.out)?;
     if let Some(dir) = resume {
-        trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+        trainer
+            .resume(dir)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
         eprintln!("resumed at step {}", trainer.step());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -307,7 +373,10 @@ pub fn train_adapter(
                 ));
                 bar.inc(1);
             }
-            Event::Epoch { epoch, eval_loss: Some(l) } => bar.println(format!("epoch {epoch}: held-out loss {l:.4}")),
+            Event::Epoch {
+                epoch,
+                eval_loss: Some(l),
+            } => bar.println(format!("epoch {epoch}: held-out loss {l:.4}")),
             Event::Epoch { .. } => {}
             Event::Checkpoint(dir) => bar.set_message(format!("saved {}", dir.display())),
         },

@@ -28,7 +28,9 @@ impl std::str::FromStr for Template {
             "raw" => Ok(Template::Raw),
             "chat" => Ok(Template::Chat),
             "alpaca" => Ok(Template::Alpaca),
-            _ => Err(Error::InvalidArgument(format!("unknown template `{s}` (raw, chat, alpaca)"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown template `{s}` (raw, chat, alpaca)"
+            ))),
         }
     }
 }
@@ -76,7 +78,11 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
         path: path.to_path_buf(),
         msg: format!("line {line}: {msg}"),
     };
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_lowercase();
     let rows: Vec<(usize, Value)> = match ext.as_str() {
         "csv" | "tsv" => delimited(&text, if ext == "csv" { ',' } else { '\t' })
             .map_err(|(line, msg)| bad(line, msg))?,
@@ -89,7 +95,11 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map(|v| (i + 1, v)).map_err(|e| bad(i + 1, format!("not JSON: {e}"))))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .map_err(|e| bad(i + 1, format!("not JSON: {e}")))
+            })
             .collect::<Result<_>>()?,
     };
     let mut out = Vec::with_capacity(rows.len());
@@ -97,7 +107,10 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
         out.push(record_of(&v, fields).map_err(|msg| bad(line, msg))?);
     }
     if out.is_empty() {
-        return Err(Error::BadConfig { path: path.to_path_buf(), msg: "no records".into() });
+        return Err(Error::BadConfig {
+            path: path.to_path_buf(),
+            msg: "no records".into(),
+        });
     }
     Ok(out)
 }
@@ -114,8 +127,14 @@ fn record_of(v: &Value, f: &Fields) -> std::result::Result<Record, String> {
         let mut messages: Vec<Message> = msgs
             .iter()
             .map(|m| {
-                let role = m.get("role").and_then(Value::as_str).ok_or("a message without `role`")?;
-                let content = m.get("content").and_then(Value::as_str).ok_or("a message without `content`")?;
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or("a message without `role`")?;
+                let content = m
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or("a message without `content`")?;
                 Ok(Message::new(role, content))
             })
             .collect::<std::result::Result<_, &str>>()?;
@@ -123,12 +142,20 @@ fn record_of(v: &Value, f: &Fields) -> std::result::Result<Record, String> {
         if last.role != "assistant" {
             return Err("the last message must be the assistant's response".into());
         }
-        return Ok(Record { messages, input: None, response: last.content });
+        return Ok(Record {
+            messages,
+            input: None,
+            response: last.content,
+        });
     }
     let prompt = text(&f.prompt).ok_or_else(|| format!("no `{}` field", f.prompt))?;
     let response = text(&f.response).ok_or_else(|| format!("no `{}` field", f.response))?;
     let input = text(&f.input).filter(|s| !s.is_empty());
-    Ok(Record { messages: vec![Message::new("user", prompt)], input, response })
+    Ok(Record {
+        messages: vec![Message::new("user", prompt)],
+        input,
+        response,
+    })
 }
 
 /// A minimal RFC 4180 reader: a header row, quoted fields with doubled quotes.
@@ -169,14 +196,24 @@ fn delimited(text: &str, sep: char) -> std::result::Result<Vec<(usize, Value)>, 
         fields.push(cur);
         all.push((row_start, fields));
     }
-    let mut it = all.into_iter().filter(|(_, f)| !(f.len() == 1 && f[0].is_empty()));
-    let Some((_, header)) = it.next() else { return Ok(rows) };
+    let mut it = all
+        .into_iter()
+        .filter(|(_, f)| !(f.len() == 1 && f[0].is_empty()));
+    let Some((_, header)) = it.next() else {
+        return Ok(rows);
+    };
     for (line, f) in it {
         if f.len() != header.len() {
-            return Err((line, format!("{} fields, the header has {}", f.len(), header.len())));
+            return Err((
+                line,
+                format!("{} fields, the header has {}", f.len(), header.len()),
+            ));
         }
-        let obj: serde_json::Map<String, Value> =
-            header.iter().cloned().zip(f.into_iter().map(Value::String)).collect();
+        let obj: serde_json::Map<String, Value> = header
+            .iter()
+            .cloned()
+            .zip(f.into_iter().map(Value::String))
+            .collect();
         rows.push((line, Value::Object(obj)));
     }
     Ok(rows)
@@ -227,14 +264,23 @@ pub struct TokenizeOptions {
 pub fn prompt_text(lm: &LanguageModel, r: &Record, template: Template) -> Result<String> {
     let user = r.messages.last().map(|m| m.content.as_str()).unwrap_or("");
     Ok(match template {
-        Template::Raw => r.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
+        Template::Raw => r
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
         Template::Alpaca => alpaca_prompt(user, r.input.as_deref()),
         Template::Chat => lm.chat_template.render(&r.messages, true)?,
     })
 }
 
 /// Tokenises records; returns the examples and how many were truncated.
-pub fn tokenize(lm: &LanguageModel, records: &[Record], opts: &TokenizeOptions) -> Result<(Vec<Example>, usize)> {
+pub fn tokenize(
+    lm: &LanguageModel,
+    records: &[Record],
+    opts: &TokenizeOptions,
+) -> Result<(Vec<Example>, usize)> {
     let mut out = Vec::with_capacity(records.len());
     let mut truncated = 0;
     for r in records {
@@ -265,7 +311,10 @@ pub fn tokenize(lm: &LanguageModel, records: &[Record], opts: &TokenizeOptions) 
                 r.response.chars().take(40).collect::<String>()
             )));
         }
-        out.push(Example { prompt_ids, response_ids });
+        out.push(Example {
+            prompt_ids,
+            response_ids,
+        });
     }
     Ok((out, truncated))
 }
@@ -283,19 +332,33 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].response, "r");
         std::fs::write(&j, "{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n").unwrap();
-        let e = read_records(&j, &Fields::default()).unwrap_err().to_string();
+        let e = read_records(&j, &Fields::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2"), "{e}");
         std::fs::write(&j, "{\"prompt\": \"a\"}\n").unwrap();
-        let e = read_records(&j, &Fields::default()).unwrap_err().to_string();
+        let e = read_records(&j, &Fields::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1") && e.contains("response"), "{e}");
         let c = dir.path().join("d.csv");
-        std::fs::write(&c, "prompt,response\n\"hello, world\",\"say \"\"hi\"\"\"\nx,y\n").unwrap();
+        std::fs::write(
+            &c,
+            "prompt,response\n\"hello, world\",\"say \"\"hi\"\"\"\nx,y\n",
+        )
+        .unwrap();
         let r = read_records(&c, &Fields::default()).unwrap();
         assert_eq!(r[0].messages[0].content, "hello, world");
         assert_eq!(r[0].response, "say \"hi\"");
         std::fs::write(&c, "prompt,response\na,b,c\n").unwrap();
-        assert!(read_records(&c, &Fields::default()).unwrap_err().to_string().contains("line 2"));
+        assert!(read_records(&c, &Fields::default())
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
         std::fs::write(&j, "\n").unwrap();
-        assert!(read_records(&j, &Fields::default()).unwrap_err().to_string().contains("no records"));
+        assert!(read_records(&j, &Fields::default())
+            .unwrap_err()
+            .to_string()
+            .contains("no records"));
     }
 }

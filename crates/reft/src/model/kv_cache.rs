@@ -18,6 +18,21 @@ impl KvCache {
         }
     }
 
+    /// A cache made of given per-layer keys and values (`None` for layers never run).
+    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+        Self { layers }
+    }
+
+    /// Keys and values of one layer.
+    pub fn layer(&self, l: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(l).and_then(Option::as_ref)
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Tokens per sequence held in the cache (padding included).
     pub fn len(&self) -> usize {
         self.layers
@@ -30,7 +45,11 @@ impl KvCache {
 
     /// Number of cached scalars (keys and values, all layers).
     pub fn elem_count(&self) -> usize {
-        self.layers.iter().flatten().map(|(k, v)| k.elem_count() + v.elem_count()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.elem_count() + v.elem_count())
+            .sum()
     }
 
     /// Whether nothing is cached yet.

@@ -143,7 +143,9 @@ impl<'a> Trainer<'a> {
             return Err(Error::InvalidArgument("the training set is empty".into()));
         }
         if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
-            return Err(Error::InvalidArgument("epochs, batch size and accumulation must be ≥ 1".into()));
+            return Err(Error::InvalidArgument(
+                "epochs, batch size and accumulation must be ≥ 1".into(),
+            ));
         }
         adapter.set_training(true);
         let opt = AdamW::new(adapter.vars(), cfg.optim)?;
@@ -159,7 +161,18 @@ impl<'a> Trainer<'a> {
             };
             caches.push(c);
         }
-        Ok(Self { lm, adapter, opt, cfg, train, eval, caches, step: 0, metrics: Vec::new(), out: None })
+        Ok(Self {
+            lm,
+            adapter,
+            opt,
+            cfg,
+            train,
+            eval,
+            caches,
+            step: 0,
+            metrics: Vec::new(),
+            out: None,
+        })
     }
 
     /// Writes `metrics.jsonl`, checkpoints and the final adapter under `dir`.
@@ -195,35 +208,171 @@ impl<'a> Trainer<'a> {
         idx
     }
 
-    /// Summed cross-entropy over one example's response tokens (a graph when training).
-    fn example_loss(&mut self, i: usize, ex_set: Set) -> Result<(Tensor, usize)> {
-        let ex = match ex_set {
-            Set::Train => &self.train[i],
-            Set::Eval => &self.eval[i],
+    /// Summed cross-entropy over the response tokens of examples `idx` (a graph when
+    /// training), and their number. The examples run as one batch: each one's frozen prefix
+    /// (cached keys/values, left-padded to the longest) is followed by its recomputed tail
+    /// (right-padded), with masks and per-example positions, so the frozen weights are streamed
+    /// once per batch rather than once per example.
+    fn batch_loss(&mut self, idx: &[usize], set: Set) -> Result<(Tensor, usize)> {
+        let exs: Vec<&Example> = idx
+            .iter()
+            .map(|&i| match set {
+                Set::Train => &self.train[i],
+                Set::Eval => &self.eval[i],
+            })
+            .collect();
+        let caches: Vec<Option<&PrefixCache>> = idx
+            .iter()
+            .map(|&i| match set {
+                Set::Train => self.caches[i].as_ref(),
+                Set::Eval => None,
+            })
+            .collect();
+        let cached = caches.iter().all(Option::is_some);
+        let dev = self.lm.decoder.device().clone();
+        let n_layers = self.lm.decoder.config().num_layers;
+        let b = exs.len();
+        let p0: Vec<usize> = caches
+            .iter()
+            .map(|c| if cached { c.map_or(0, |c| c.p0) } else { 0 })
+            .collect();
+        let p0max = p0.iter().copied().max().unwrap_or(0);
+        let ids: Vec<Vec<u32>> = exs.iter().map(|e| e.ids()).collect();
+        let tails: Vec<usize> = ids.iter().zip(&p0).map(|(v, &p)| v.len() - p).collect();
+        let t = tails.iter().copied().max().unwrap_or(0);
+        let mut flat_ids = Vec::with_capacity(b * t);
+        for (v, &p) in ids.iter().zip(&p0) {
+            flat_ids.extend(v[p..].iter().copied().chain(std::iter::repeat(0)).take(t));
+        }
+        let input_ids = Tensor::from_vec(flat_ids, (b, t), &dev)?;
+        let mask: Vec<Vec<u32>> = (0..b)
+            .map(|bi| {
+                (0..p0max + t)
+                    .map(|j| {
+                        u32::from(if j < p0max {
+                            j >= p0max - p0[bi]
+                        } else {
+                            j - p0max < tails[bi]
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let positions: Vec<Vec<u32>> = (0..b)
+            .map(|bi| (0..t).map(|c| (p0[bi] + c) as u32).collect())
+            .collect();
+        let start_layer = if cached {
+            caches[0].map_or(0, |c| c.start_layer)
+        } else {
+            0
         };
-        let cache = match ex_set {
-            Set::Train => self.caches[i].as_ref(),
-            Set::Eval => None,
+        let hidden = match (cached, start_layer) {
+            (true, l) if l > 0 => {
+                let rows = caches
+                    .iter()
+                    .map(|c| {
+                        let h = c.and_then(|c| c.hidden.as_ref()).ok_or_else(|| {
+                            Error::InvalidArgument("prefix cache without hidden states".into())
+                        })?;
+                        Ok(h.pad_with_zeros(1, 0, t - h.dim(1)?)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&rows, 0)?)
+            }
+            _ => None,
         };
-        let ids = ex.ids();
-        let p = ex.prompt_ids.len();
-        let r = ex.response_ids.len();
-        let dev = self.lm.decoder.device();
-        self.adapter.set_layout(&PromptLayout::unpadded(vec![p]))?;
-        let (p0, mut kv, start) = match cache {
-            Some(c) => (c.p0, c.kv.clone(), c.hidden.as_ref().map(|h| (c.start_layer, h))),
-            None => (0, crate::model::KvCache::new(self.lm.decoder.config().num_layers), None),
+        let mut kv = if cached && p0max > 0 {
+            let mut layers = Vec::with_capacity(n_layers);
+            for l in 0..n_layers {
+                if l < start_layer {
+                    layers.push(None);
+                    continue;
+                }
+                let mut ks = Vec::with_capacity(b);
+                let mut vs = Vec::with_capacity(b);
+                for (bi, c) in caches.iter().enumerate() {
+                    let (k, v) = c.and_then(|c| c.kv.layer(l)).ok_or_else(|| {
+                        Error::InvalidArgument(format!("prefix cache misses layer {l}"))
+                    })?;
+                    ks.push(k.pad_with_zeros(2, p0max - p0[bi], 0)?);
+                    vs.push(v.pad_with_zeros(2, p0max - p0[bi], 0)?);
+                }
+                layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+            }
+            crate::model::KvCache::from_layers(layers)
+        } else {
+            crate::model::KvCache::new(n_layers)
         };
-        let tail = Tensor::new(&ids[p0..], dev)?.unsqueeze(0)?;
-        let input = ForwardInput { input_ids: &tail, attention_mask: None, position_ids: None, start };
-        let h = self.lm.decoder.forward(&input, &mut self.adapter, Some(&mut kv))?;
-        // Logits only where a label exists: position t predicts token t + 1.
-        let rows = h.narrow(1, p - 1 - p0, r)?.squeeze(0)?;
-        let logits = self.lm.decoder.lm_head(&rows)?.to_dtype(DType::F32)?;
+        let layout = PromptLayout {
+            prompt_lens: exs.iter().map(|e| e.prompt_ids.len()).collect(),
+            left_pad: p0.iter().map(|&p| p0max - p).collect(),
+        };
+        self.adapter.set_layout(&layout)?;
+        let input = ForwardInput {
+            input_ids: &input_ids,
+            attention_mask: Some(&mask),
+            position_ids: Some(&positions),
+            start: hidden.as_ref().map(|h| (start_layer, h)),
+        };
+        let tdec = Instant::now();
+        let h = self
+            .lm
+            .decoder
+            .forward(&input, &mut self.adapter, Some(&mut kv))?;
+        if std::env::var_os("REFT_TIMING").is_some() {
+            eprintln!(
+                "  decoder {:.3} s for [{b}, {t}] from layer {start_layer}, past {p0max}",
+                tdec.elapsed().as_secs_f64()
+            );
+        }
+        // Logits only where a label exists: position q predicts token q + 1.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, e) in exs.iter().enumerate() {
+            let first = e.prompt_ids.len() - 1 - p0[bi];
+            rows.extend((0..e.response_ids.len()).map(|k| (bi * t + first + k) as u32));
+            targets.extend_from_slice(&e.response_ids);
+        }
+        let n = rows.len();
+        let d = h.dim(2)?;
+        let picked = h
+            .reshape((b * t, d))?
+            .index_select(&Tensor::from_vec(rows, n, &dev)?, 0)?;
+        let logits = self.lm.decoder.lm_head(&picked)?.to_dtype(DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::new(ex.response_ids.as_slice(), dev)?.unsqueeze(1)?;
-        let picked = logp.gather(&targets, 1)?;
-        Ok((picked.sum_all()?.neg()?, r))
+        let targets = Tensor::from_vec(targets, (n, 1), &dev)?;
+        Ok((logp.gather(&targets, 1)?.sum_all()?.neg()?, n))
+    }
+
+    /// Splits a micro-batch into groups of similar recomputed length, so that one long
+    /// example does not pad every other one to its length (at most ~30 % padding per group).
+    fn length_groups(&self, idx: &[usize], set: Set) -> Vec<Vec<usize>> {
+        let len = |i: usize| -> usize {
+            match set {
+                Set::Train => {
+                    let e = &self.train[i];
+                    e.prompt_ids.len() + e.response_ids.len()
+                        - self.caches[i].as_ref().map_or(0, |c| c.p0)
+                }
+                Set::Eval => self.eval[i].prompt_ids.len() + self.eval[i].response_ids.len(),
+            }
+        };
+        let mut sorted: Vec<(usize, usize)> = idx.iter().map(|&i| (len(i), i)).collect();
+        sorted.sort_unstable();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let (mut sum, mut count) = (0usize, 0usize);
+        for (l, i) in sorted {
+            let fits = count > 0 && (l * (count + 1)) as f64 <= 1.3 * (sum + l) as f64;
+            if !fits {
+                groups.push(Vec::new());
+                sum = 0;
+                count = 0;
+            }
+            groups.last_mut().expect("a group was just pushed").push(i);
+            sum += l;
+            count += 1;
+        }
+        groups
     }
 
     /// Mean held-out loss (no graph), if there is held-out data.
@@ -235,10 +384,13 @@ impl<'a> Trainer<'a> {
         self.adapter.refresh_params()?;
         let (mut sum, mut n) = (0f64, 0usize);
         let result = (|| -> Result<()> {
-            for i in 0..self.eval.len() {
-                let (l, t) = self.example_loss(i, Set::Eval)?;
-                sum += l.to_scalar::<f32>()? as f64;
-                n += t;
+            let all: Vec<usize> = (0..self.eval.len()).collect();
+            for chunk in all.chunks(self.cfg.batch_size) {
+                for group in self.length_groups(chunk, Set::Eval) {
+                    let (l, t) = self.batch_loss(&group, Set::Eval)?;
+                    sum += l.to_scalar::<f32>()? as f64;
+                    n += t;
+                }
             }
             Ok(())
         })();
@@ -255,17 +407,19 @@ impl<'a> Trainer<'a> {
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for batch in micro {
             self.adapter.refresh_params()?;
+            let tf = Instant::now();
             let mut total: Option<Tensor> = None;
             let mut n = 0;
-            for &i in batch {
-                let (l, t) = self.example_loss(i, Set::Train)?;
-                n += t;
+            for group in self.length_groups(batch, Set::Train) {
+                let (l, k) = self.batch_loss(&group, Set::Train)?;
+                n += k;
                 total = Some(match total {
-                    Some(s) => (s + l)?,
+                    Some(t) => (t + l)?,
                     None => l,
                 });
             }
             let total = total.ok_or_else(|| Error::InvalidArgument("empty micro-batch".into()))?;
+            let fwd_s = tf.elapsed().as_secs_f64();
             let value = total.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(Error::InvalidArgument(format!(
@@ -276,12 +430,20 @@ impl<'a> Trainer<'a> {
             loss_sum += value;
             tokens += n;
             let loss = (total / (n as f64 * micro.len() as f64))?;
+            let tb = Instant::now();
             let grads = self.adapter.backward(&loss)?;
+            if std::env::var_os("REFT_TIMING").is_some() {
+                eprintln!(
+                    "forward {fwd_s:.3} s, backward {:.3} s",
+                    tb.elapsed().as_secs_f64()
+                );
+            }
             acc = Some(match acc {
                 None => grads,
                 Some(mut a) => {
                     for (_, v) in &vars {
-                        if let (Some(x), Some(y)) = (a.get(v.as_tensor()), grads.get(v.as_tensor())) {
+                        if let (Some(x), Some(y)) = (a.get(v.as_tensor()), grads.get(v.as_tensor()))
+                        {
                             let s = (x + y)?;
                             a.insert(v.as_tensor(), s);
                         }
@@ -316,19 +478,17 @@ impl<'a> Trainer<'a> {
     }
 
     /// Runs to the end (or until `stop()` says so between steps), reporting through `on_event`.
-    pub fn run(
-        &mut self,
-        on_event: &mut dyn FnMut(Event),
-        stop: &dyn Fn() -> bool,
-    ) -> Result<()> {
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event), stop: &dyn Fn() -> bool) -> Result<()> {
         let spe = self.steps_per_epoch();
         let total = self.total_steps();
         while self.step < total {
             let epoch = self.step / spe;
             let in_epoch = self.step % spe;
             let order = self.order(epoch);
-            let micro: Vec<Vec<usize>> =
-                order.chunks(self.cfg.batch_size).map(<[usize]>::to_vec).collect();
+            let micro: Vec<Vec<usize>> = order
+                .chunks(self.cfg.batch_size)
+                .map(<[usize]>::to_vec)
+                .collect();
             let group: Vec<Vec<usize>> = micro
                 .iter()
                 .skip(in_epoch * self.cfg.grad_accum)
@@ -340,11 +500,17 @@ impl<'a> Trainer<'a> {
             self.append_metrics(&m)?;
             on_event(Event::Step(&m));
             self.metrics.push(m);
-            if self.step % spe == 0 {
+            if self.step.is_multiple_of(spe) {
                 let eval_loss = self.eval_loss()?;
-                on_event(Event::Epoch { epoch: self.step / spe, eval_loss });
+                on_event(Event::Epoch {
+                    epoch: self.step / spe,
+                    eval_loss,
+                });
             }
-            let due = self.cfg.checkpoint_every.is_some_and(|k| k > 0 && self.step % k == 0);
+            let due = self
+                .cfg
+                .checkpoint_every
+                .is_some_and(|k| k > 0 && self.step.is_multiple_of(k));
             if due || self.step == total || stop() {
                 if let Some(dir) = self.checkpoint()? {
                     on_event(Event::Checkpoint(&dir));
@@ -375,7 +541,9 @@ impl<'a> Trainer<'a> {
     /// Writes `checkpoint-<step>/` (adapter, optimiser state with the raw parameters, trainer
     /// state) under the output folder; returns its path.
     pub fn checkpoint(&self) -> Result<Option<PathBuf>> {
-        let Some(out) = &self.out else { return Ok(None) };
+        let Some(out) = &self.out else {
+            return Ok(None);
+        };
         let dir = out.join(format!("checkpoint-{}", self.step));
         self.adapter.save(&dir)?;
         let (mut tensors, opt_step) = self.opt.state();
@@ -385,9 +553,14 @@ impl<'a> Trainer<'a> {
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
             .map_err(|e| Error::InvalidArgument(format!("serialising optimiser state: {e}")))?;
         crate::adapter::native::write_atomic(&dir.join("optimizer.safetensors"), &bytes)?;
-        let state = TrainerState { step: self.step, config: self.cfg.clone(), metrics: self.metrics.clone() };
+        let state = TrainerState {
+            step: self.step,
+            config: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+        };
         debug_assert_eq!(opt_step as usize, self.step);
-        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&state)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         crate::adapter::native::write_atomic(&dir.join("trainer_state.json"), json.as_bytes())?;
         Ok(Some(dir))
     }
@@ -397,16 +570,25 @@ impl<'a> Trainer<'a> {
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-        let state: TrainerState = serde_json::from_str(&text)
-            .map_err(|e| Error::BadConfig { path: sp.clone(), msg: e.to_string() })?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+            path: sp.clone(),
+            msg: e.to_string(),
+        })?;
         let op = dir.join("optimizer.safetensors");
-        let tensors = candle_core::safetensors::load(&op, self.lm.decoder.device())
-            .map_err(|e| Error::BadWeights { path: op.clone(), msg: e.to_string() })?;
-        for (n, v) in self.adapter.vars() {
-            let t = tensors.get(&format!("param.{n}")).ok_or_else(|| Error::BadWeights {
-                path: op.clone(),
-                msg: format!("no `param.{n}`: the checkpoint is for another adapter"),
+        let tensors =
+            candle_core::safetensors::load(&op, self.lm.decoder.device()).map_err(|e| {
+                Error::BadWeights {
+                    path: op.clone(),
+                    msg: e.to_string(),
+                }
             })?;
+        for (n, v) in self.adapter.vars() {
+            let t = tensors
+                .get(&format!("param.{n}"))
+                .ok_or_else(|| Error::BadWeights {
+                    path: op.clone(),
+                    msg: format!("no `param.{n}`: the checkpoint is for another adapter"),
+                })?;
             v.set(t)?;
         }
         self.opt.restore(&tensors, state.step as u64)?;

@@ -24,7 +24,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -42,9 +48,18 @@ pub struct AdamW {
 impl AdamW {
     /// An optimiser for these variables with zeroed moments.
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = vars
+            .iter()
+            .map(|(_, v)| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { cfg, vars, m, v, step: 0 })
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            step: 0,
+        })
     }
 
     /// Steps taken.
@@ -65,7 +80,11 @@ impl AdamW {
                 Error::InvalidArgument(format!("trainable tensor `{name}` received no gradient"))
             })?;
             let p = var.as_tensor();
-            let p = if self.cfg.weight_decay != 0.0 { (p * (1.0 - lr * self.cfg.weight_decay))? } else { p.clone() };
+            let p = if self.cfg.weight_decay != 0.0 {
+                (p * (1.0 - lr * self.cfg.weight_decay))?
+            } else {
+                p.clone()
+            };
             self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + self.cfg.eps)?;
@@ -86,14 +105,23 @@ impl AdamW {
     }
 
     /// Restores [`state`](Self::state).
-    pub fn restore(&mut self, tensors: &std::collections::HashMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for (i, (n, var)) in self.vars.iter().enumerate() {
-            for (slot, key) in [(&mut self.m[i], format!("m.{n}")), (&mut self.v[i], format!("v.{n}"))] {
+            for (slot, key) in [
+                (&mut self.m[i], format!("m.{n}")),
+                (&mut self.v[i], format!("v.{n}")),
+            ] {
                 let t = tensors.get(&key).ok_or_else(|| {
                     Error::InvalidArgument(format!("optimiser state has no `{key}`"))
                 })?;
                 if t.dims() != var.dims() {
-                    return Err(Error::InvalidArgument(format!("optimiser state `{key}` has the wrong shape")));
+                    return Err(Error::InvalidArgument(format!(
+                        "optimiser state `{key}` has the wrong shape"
+                    )));
                 }
                 *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
             }
@@ -122,7 +150,9 @@ impl std::str::FromStr for Schedule {
             "linear" => Ok(Schedule::Linear),
             "cosine" => Ok(Schedule::Cosine),
             "constant" => Ok(Schedule::Constant),
-            _ => Err(Error::InvalidArgument(format!("unknown schedule `{s}` (linear, cosine, constant)"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown schedule `{s}` (linear, cosine, constant)"
+            ))),
         }
     }
 }
@@ -137,7 +167,9 @@ impl Schedule {
         let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
         match self {
             Schedule::Constant => 1.0,
-            Schedule::Linear => ((total as f64 - step as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+            Schedule::Linear => ((total as f64 - step as f64)
+                / (total.saturating_sub(warmup)).max(1) as f64)
+                .max(0.0),
             Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
         }
     }
@@ -149,7 +181,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
     let mut total = 0f64;
     for (_, v) in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            total += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();
@@ -181,7 +217,14 @@ mod tests {
     fn matches_the_pytorch_formula() -> Result<()> {
         let dev = Device::Cpu;
         let p = Var::new(&[1.0f64, -2.0], &dev)?;
-        let mut opt = AdamW::new(vec![("p".into(), p.clone())], AdamWConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() })?;
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.clone())],
+            AdamWConfig {
+                lr: 0.1,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+        )?;
         let gs = [[0.5f64, -1.0], [0.1, 0.3]];
         let (mut pe, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         for (t, g) in gs.iter().enumerate() {
@@ -199,7 +242,10 @@ mod tests {
         }
         let got = p.as_tensor().to_vec1::<f64>()?;
         // Literal values of the recurrence (computed in Python floats): p₂ = [0.81779690638, −1.85331714243].
-        assert!((got[0] - pe[0]).abs() < 1e-12 && (got[1] - pe[1]).abs() < 1e-12, "{got:?} vs {pe:?}");
+        assert!(
+            (got[0] - pe[0]).abs() < 1e-12 && (got[1] - pe[1]).abs() < 1e-12,
+            "{got:?} vs {pe:?}"
+        );
         assert!((got[0] - 0.8177969063826516).abs() < 1e-12, "{}", got[0]);
         assert!((got[1] - -1.8533171424282262).abs() < 1e-12, "{}", got[1]);
         Ok(())

@@ -35,7 +35,13 @@ impl PrefixCache {
             .config()
             .interventions
             .iter()
-            .map(|c| if c.component == Component::BlockOutput { c.layer + 1 } else { c.layer })
+            .map(|c| {
+                if c.component == Component::BlockOutput {
+                    c.layer + 1
+                } else {
+                    c.layer
+                }
+            })
             .min()
             .unwrap_or(0)
             .min(cfg.num_layers);
@@ -51,7 +57,8 @@ impl PrefixCache {
         let site = (start_layer > 0).then(|| Site::new(start_layer - 1, Component::BlockOutput));
         let mut rec = Recorder::new(site);
         let mut kv = KvCache::new(cfg.num_layers);
-        lm.decoder.forward(&ForwardInput::new(&t), &mut rec, Some(&mut kv))?;
+        lm.decoder
+            .forward(&ForwardInput::new(&t), &mut rec, Some(&mut kv))?;
         let kv = if p0 == 0 {
             KvCache::new(cfg.num_layers)
         } else {
@@ -62,7 +69,12 @@ impl PrefixCache {
             Some(s) => Some(rec.states[&s].narrow(1, p0, ids.len() - p0)?.contiguous()?),
             None => None,
         };
-        Ok(Self { p0, start_layer, hidden, kv })
+        Ok(Self {
+            p0,
+            start_layer,
+            hidden,
+            kv,
+        })
     }
 
     /// Approximate memory held.

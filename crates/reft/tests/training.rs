@@ -1,0 +1,203 @@
+//! Training on `tiny-llama`: the prefix cache changes nothing but speed, and an interrupted and
+//! resumed run ends with the same adapter as an uninterrupted one.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+use reft::data::Example;
+use reft::model::{Decoder, DecoderConfig};
+use reft::tokenizer::Tokenizer;
+use reft::train::{AdamWConfig, Event, Schedule, TrainConfig, Trainer};
+use reft::weights::WeightSource;
+use reft::LanguageModel;
+
+/// tiny-llama with a stand-in tokenizer (training never tokenises here: examples are ids).
+fn tiny() -> LanguageModel {
+    let dir = fixtures_dir().join("models/tiny-llama");
+    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let decoder = Decoder::load(
+        &WeightSource::open_hf_folder(&dir).unwrap(),
+        cfg,
+        &Device::Cpu,
+        DType::F32,
+        false,
+    )
+    .unwrap();
+    let tok_dir = tempfile::tempdir().unwrap();
+    let tok_json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"b":1},"unk_token":"a"}}"#;
+    std::fs::write(tok_dir.path().join("tokenizer.json"), tok_json).unwrap();
+    let tokenizer = Tokenizer::from_file(&tok_dir.path().join("tokenizer.json")).unwrap();
+    LanguageModel {
+        decoder,
+        tokenizer,
+        chat_template: reft::template::ChatTemplate::new(reft::template::CHATML, "", ""),
+        path: dir,
+    }
+}
+
+fn data() -> Vec<Example> {
+    (0..7u32)
+        .map(|i| Example {
+            prompt_ids: (0..5 + i % 3)
+                .map(|k| (i * 37 + k * 11) % 500 + 3)
+                .collect(),
+            response_ids: (0..3 + i % 4).map(|k| (i * 13 + k * 7) % 500 + 3).collect(),
+        })
+        .collect()
+}
+
+fn adapter(lm: &LanguageModel, spec: &str) -> Adapter {
+    let spec: AdapterSpec = serde_json::from_str(spec).unwrap();
+    let config = AdapterConfig {
+        format_version: 1,
+        base_model: None,
+        interventions: spec.expand(lm.decoder.config().num_layers).unwrap(),
+        template: None,
+        training: None,
+    };
+    Adapter::init(
+        config,
+        lm.decoder.config().hidden_size,
+        9,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+const SPEC: &str = r#"{"interventions": [{"kind": "loreft", "layers": "1;2", "rank": 2, "positions": "f1+l1", "tied": false}]}"#;
+
+fn config(cache: bool) -> TrainConfig {
+    TrainConfig {
+        epochs: 3,
+        batch_size: 3,
+        grad_accum: 2,
+        optim: AdamWConfig {
+            lr: 2e-2,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        schedule: Schedule::Cosine,
+        warmup_ratio: 0.2,
+        max_grad_norm: 1.0,
+        seed: 5,
+        cache_prefix: cache,
+        cache_budget_bytes: 1 << 30,
+        checkpoint_every: Some(2),
+    }
+}
+
+fn losses(t: &Trainer) -> Vec<f64> {
+    t.metrics.iter().map(|m| m.loss).collect()
+}
+
+#[test]
+fn prefix_cache_gives_the_same_losses() {
+    let lm = tiny();
+    let mut with = Trainer::new(
+        &lm,
+        adapter(
+            &lm,
+            r#"{"interventions": [{"kind": "loreft", "layers": 2, "rank": 2, "positions": "l1"}]}"#,
+        ),
+        data(),
+        data(),
+        config(true),
+    )
+    .unwrap();
+    let mut without = Trainer::new(
+        &lm,
+        adapter(
+            &lm,
+            r#"{"interventions": [{"kind": "loreft", "layers": 2, "rank": 2, "positions": "l1"}]}"#,
+        ),
+        data(),
+        data(),
+        config(false),
+    )
+    .unwrap();
+    with.run(&mut |_| {}, &|| false).unwrap();
+    without.run(&mut |_| {}, &|| false).unwrap();
+    let (a, b) = (losses(&with), losses(&without));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    assert!(
+        a.last().unwrap() < a.first().unwrap(),
+        "the loss did not go down: {a:?}"
+    );
+}
+
+#[test]
+fn resumed_run_ends_with_the_same_adapter() {
+    let lm = tiny();
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut full = Trainer::new(&lm, adapter(&lm, SPEC), data(), Vec::new(), config(true))
+        .unwrap()
+        .with_output(full_dir.path())
+        .unwrap();
+    full.run(&mut |_| {}, &|| false).unwrap();
+
+    // Stop after the first checkpoint (step 2), as Ctrl-C would, then resume in a new trainer.
+    let part_dir = tempfile::tempdir().unwrap();
+    let mut part = Trainer::new(&lm, adapter(&lm, SPEC), data(), Vec::new(), config(true))
+        .unwrap()
+        .with_output(part_dir.path())
+        .unwrap();
+    let stop = std::cell::Cell::new(false);
+    part.run(
+        &mut |e| {
+            if let Event::Checkpoint(_) = e {
+                stop.set(true)
+            }
+        },
+        &|| stop.get(),
+    )
+    .unwrap();
+    assert_eq!(part.step(), 2);
+    let mut resumed = Trainer::new(&lm, adapter(&lm, SPEC), data(), Vec::new(), config(true))
+        .unwrap()
+        .with_output(part_dir.path())
+        .unwrap();
+    resumed
+        .resume(&part_dir.path().join("checkpoint-2"))
+        .unwrap();
+    resumed.run(&mut |_| {}, &|| false).unwrap();
+
+    assert_eq!(losses(&full), losses(&resumed));
+    let (a, b) = (
+        full.adapter.tensors().unwrap(),
+        resumed.adapter.tensors().unwrap(),
+    );
+    for ((na, x), (nb, y)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert_eq!(max_abs_diff(x, y), 0.0, "{na}");
+    }
+    // Every trained R is still orthonormal.
+    for (n, r) in a.iter().filter(|(n, _)| n.ends_with(".R")) {
+        let eye = candle_core::Tensor::eye(r.dim(0).unwrap(), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            max_abs_diff(&r.matmul(&r.t().unwrap()).unwrap(), &eye) < 1e-5,
+            "{n}"
+        );
+    }
+    assert!(full_dir.path().join("metrics.jsonl").exists());
+}
+
+#[test]
+fn an_empty_dataset_is_an_error() {
+    let lm = tiny();
+    let e = Trainer::new(
+        &lm,
+        adapter(&lm, SPEC),
+        Vec::new(),
+        Vec::new(),
+        config(true),
+    )
+    .err()
+    .expect("error");
+    assert!(e.to_string().contains("empty"), "{e}");
+}
