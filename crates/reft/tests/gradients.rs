@@ -164,13 +164,25 @@ fn raw_householder_gradient_equals_finite_differences() {
     let labels = vec![vec![-100i64, -100, -100, -100, 7, 3]];
     let mut loss_now = |adapter: &mut Adapter| -> Tensor {
         adapter.prepare(&PromptLayout::unpadded(vec![4])).unwrap();
-        let h = model.forward(&ForwardInput::new(&ids), adapter, None).unwrap();
+        let h = model
+            .forward(&ForwardInput::new(&ids), adapter, None)
+            .unwrap();
         causal_lm_loss(&model.lm_head(&h).unwrap(), &labels).unwrap()
     };
     let loss = loss_now(&mut adapter);
     let grads = adapter.backward(&loss).unwrap();
-    let (_, raw) = adapter.vars().into_iter().find(|(n, _)| n.ends_with("R.raw")).unwrap();
-    let g: Vec<f64> = grads.get(raw.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let (_, raw) = adapter
+        .vars()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("R.raw"))
+        .unwrap();
+    let g: Vec<f64> = grads
+        .get(raw.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let base: Vec<f64> = raw.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     let (d, r) = raw.as_tensor().dims2().unwrap();
     let eps = 1e-6;
@@ -179,11 +191,16 @@ fn raw_householder_gradient_equals_finite_differences() {
         let mut eval = |shift: f64| -> f64 {
             let mut v = base.clone();
             v[c] += shift;
-            raw.set(&Tensor::from_vec(v, (d, r), &dev).unwrap()).unwrap();
+            raw.set(&Tensor::from_vec(v, (d, r), &dev).unwrap())
+                .unwrap();
             loss_now(&mut adapter).to_scalar::<f64>().unwrap()
         };
         let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-        assert!((fd - g[c]).abs() <= 1e-6 * fd.abs().max(1e-3), "raw[{c}]: analytic {} vs {fd}", g[c]);
+        assert!(
+            (fd - g[c]).abs() <= 1e-6 * fd.abs().max(1e-3),
+            "raw[{c}]: analytic {} vs {fd}",
+            g[c]
+        );
         checked += 1;
     }
     assert!(checked > 5);

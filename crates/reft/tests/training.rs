@@ -49,6 +49,10 @@ fn data() -> Vec<Example> {
 }
 
 fn adapter(lm: &LanguageModel, spec: &str) -> Adapter {
+    seeded(lm, spec, 9)
+}
+
+fn seeded(lm: &LanguageModel, spec: &str, seed: u64) -> Adapter {
     let spec: AdapterSpec = serde_json::from_str(spec).unwrap();
     let config = AdapterConfig {
         format_version: 1,
@@ -158,10 +162,17 @@ fn resumed_run_ends_with_the_same_adapter() {
     )
     .unwrap();
     assert_eq!(part.step(), 2);
-    let mut resumed = Trainer::new(&lm, adapter(&lm, SPEC), data(), Vec::new(), config(true))
-        .unwrap()
-        .with_output(part_dir.path())
-        .unwrap();
+    // Another seed: everything, bases of R included, must come from the checkpoint.
+    let mut resumed = Trainer::new(
+        &lm,
+        seeded(&lm, SPEC, 1234),
+        data(),
+        Vec::new(),
+        config(true),
+    )
+    .unwrap()
+    .with_output(part_dir.path())
+    .unwrap();
     resumed
         .resume(&part_dir.path().join("checkpoint-2"))
         .unwrap();

@@ -199,6 +199,34 @@ impl Adapter {
         Ok(grads)
     }
 
+    /// Fixed bases of orthogonal parameters as `interventions.<i>.<name>.base`.
+    pub fn bases(&self) -> Vec<(String, Tensor)> {
+        self.interventions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, iv)| {
+                iv.params()
+                    .bases()
+                    .into_iter()
+                    .map(move |(n, t)| (format!("interventions.{i}.{n}.base"), t))
+            })
+            .collect()
+    }
+
+    /// Restores a base written by [`bases`](Self::bases).
+    pub fn set_base(&mut self, key: &str, t: &Tensor) -> Result<()> {
+        let bad = || Error::InvalidArgument(format!("`{key}` is not an intervention base"));
+        let rest = key.strip_prefix("interventions.").ok_or_else(bad)?;
+        let (i, name) = rest.split_once('.').ok_or_else(bad)?;
+        let name = name.strip_suffix(".base").ok_or_else(bad)?;
+        let i: usize = i.parse().map_err(|_| bad())?;
+        self.interventions
+            .get_mut(i)
+            .ok_or_else(bad)?
+            .params_mut()
+            .set_base(name, t)
+    }
+
     /// Trainable scalars in all interventions.
     pub fn num_parameters(&self) -> usize {
         self.interventions

@@ -246,6 +246,11 @@ impl Intervention {
         self.params.vars()
     }
 
+    /// Mutable parameters (restoring checkpoints).
+    pub fn params_mut(&mut self) -> &mut ParamSet {
+        &mut self.params
+    }
+
     /// Number of trainable scalars, counted as pyreft counts them (`R` as `d × r`).
     pub fn num_parameters(&self) -> usize {
         self.params.num_parameters()

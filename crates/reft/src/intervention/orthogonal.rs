@@ -1,11 +1,14 @@
-//! Orthonormal `R` (SPEC §2): initialisation like `torch.nn.init.orthogonal_`, and a
-//! differentiable Householder parametrisation that keeps `R Rᵀ = I` through any optimiser step.
+//! Orthonormal `R` (SPEC §2): initialisation like `torch.nn.init.orthogonal_`, and
+//! differentiable Householder parametrisations that keep `R Rᵀ = I` through any optimiser step.
 //!
-//! The trainable tensor is a raw `d × r` matrix `A`. With `V = tril(A, −1) + I[:, :r]`,
-//! `Q = H₁ ⋯ H_r I[:, :r]` where `H_i = I − τ_i v_i v_iᵀ`, `τ_i = 2 / ‖v_i‖²`, and
-//! `Rᵀ = Q · diag(s)` for a fixed sign vector `s ∈ {±1}ʳ` (PyTorch folds the same signs in from the
-//! diagonal of its raw matrix). Unlike pyreft we keep no frozen `d × d` basis: `A` alone spans
-//! every orthonormal `R`, and a stored `R` maps back to `A` exactly ([`householder_inverse`]).
+//! Training uses [`reflect_from`]: PyTorch's trivialised Householder map (what pyreft trains)
+//! without its frozen `d × d` basis. PyTorch computes `Rᵀ = B · H₁ ⋯ H_r I[:, :r]` with a basis
+//! `B` whose first `r` columns are the initial `Rᵀ` and raw vectors starting at `e_i`; moving
+//! `B` inside the product turns it into reflections about `w_i = b_i + P_i x_i` applied to the
+//! initial `Rᵀ` directly, where `b_i` is its column `i` and `P_i` removes the components along
+//! `b_1 … b_i`. So only `Rᵀ₀` (`d × r`) and the raw `x` (`d × r`, starting at 0) are kept — the
+//! same steps as pyreft's in the directions that matter, without a 64 MiB buffer at `d = 4096`.
+//! [`householder`] is the plain map with `V = tril(A, −1) + I[:, :r]`.
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -27,6 +30,23 @@ pub fn householder(a: &Tensor, signs: &Tensor) -> Result<Tensor> {
         x = (x - vi.matmul(&proj)?.broadcast_mul(&tau)?)?;
     }
     Ok(x.broadcast_mul(&signs.reshape((1, r))?)?)
+}
+
+/// `Rᵀ` `[d, r]` from the raw `x` `[d, r]` around the base `Rᵀ₀` `[d, r]` (orthonormal
+/// columns): `−H'₁ ⋯ H'_r Rᵀ₀` with `H'_i` the reflection about `w_i = b_i + x_i − B_{≤i} B_{≤i}ᵀ x_i`.
+/// At `x = 0` it is `Rᵀ₀`; it is orthonormal for every `x`; differentiable in `x`.
+pub fn reflect_from(x: &Tensor, base: &Tensor) -> Result<Tensor> {
+    let (_, r) = x.dims2()?;
+    let mut q = base.clone();
+    for i in (0..r).rev() {
+        let b_le = base.narrow(1, 0, i + 1)?; // [d, i+1]
+        let xi = x.narrow(1, i, 1)?; // [d, 1]
+        let w = ((base.narrow(1, i, 1)? + &xi)? - b_le.matmul(&b_le.t()?.matmul(&xi)?)?)?;
+        let tau = (w.sqr()?.sum_all()?.recip()? * 2.0)?;
+        let proj = w.t()?.matmul(&q)?; // [1, r]
+        q = (q - w.matmul(&proj)?.broadcast_mul(&tau)?)?;
+    }
+    Ok(q.neg()?)
 }
 
 /// The strict lower-triangular mask and `I[:, :r]`, both `[d, r]`.
@@ -122,6 +142,27 @@ mod tests {
         let back = householder(&at, &st)?.flatten_all()?.to_vec1::<f64>()?;
         for (x, y) in back.iter().zip(&q) {
             assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn reflections_start_at_the_base_and_stay_orthonormal() -> Result<()> {
+        let (d, r) = (12, 4);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let q0 = random_orthonormal(d, r, &mut rng);
+        let dev = Device::Cpu;
+        let base = Tensor::from_vec(q0.clone(), (d, r), &dev)?;
+        let at0 = reflect_from(&Tensor::zeros((d, r), DType::F64, &dev)?, &base)?;
+        let diff = (at0 - &base)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        let x = Tensor::randn(0f64, 0.5, (d, r), &dev)?;
+        let q = reflect_from(&x, &base)?;
+        let gram = q.t()?.matmul(&q)?.to_vec2::<f64>()?;
+        for (i, row) in gram.iter().enumerate() {
+            for (j, &g) in row.iter().enumerate() {
+                assert!((g - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
         }
         Ok(())
     }

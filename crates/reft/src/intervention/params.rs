@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
-use super::orthogonal::{householder, householder_inverse, random_orthonormal};
+use super::orthogonal::{random_orthonormal, reflect_from};
 use super::Effective;
 use crate::{Error, Result};
 
@@ -39,12 +39,13 @@ pub struct ParamSpec {
 pub enum Param {
     /// A tensor trained as is.
     Plain(Var),
-    /// `R = (householder(raw) · diag(signs))ᵀ`: `raw` `[d, r]` is trained, `signs` fixed.
+    /// `R = reflect_from(raw, base)ᵀ`: `raw` `[d, r]` (starting at 0) is trained around the
+    /// fixed `base` = `Rᵀ` at initialisation or load (see [`super::orthogonal`]).
     Orthogonal {
-        /// The raw Householder matrix.
+        /// The raw reflection matrix.
         raw: Var,
-        /// Fixed ±1 per column.
-        signs: Tensor,
+        /// `Rᵀ₀` `[d, r]`.
+        base: Tensor,
         /// The exact `R` this was loaded from, with the raw matrix it mapped to: used while
         /// `raw` is unchanged, so that save → load → save and inference reproduce a stored `R`
         /// bit for bit instead of through a round trip of the parametrisation.
@@ -130,16 +131,14 @@ impl ParamSet {
                 let rows = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
                 let q: Vec<f64> = (0..d * r).map(|k| rows[k % r][k / r]).collect(); // Rᵀ [d, r]
                 check_orthonormal(s.name, &q, d, r)?;
-                let (a, signs) = householder_inverse(&q, d, r);
-                let raw = Tensor::from_vec(a, (d, r), device)?.to_dtype(dtype)?;
-                let signs = Tensor::from_vec(signs, r, device)?.to_dtype(dtype)?;
+                let base = Tensor::from_vec(q, (d, r), device)?.to_dtype(dtype)?;
+                let raw = Tensor::zeros((d, r), dtype, device)?;
                 let exact = t.to_device(device)?.to_dtype(dtype)?;
                 let raw_var = Var::from_tensor(&raw)?;
-                let snapshot = raw.copy()?;
                 Param::Orthogonal {
                     raw: raw_var,
-                    signs,
-                    loaded: Some((snapshot, exact)),
+                    base,
+                    loaded: Some((raw, exact)),
                 }
             } else {
                 Param::Plain(Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)?)
@@ -166,13 +165,13 @@ impl ParamSet {
             let t = match p {
                 Param::Plain(v) if detached => v.as_tensor().detach(),
                 Param::Plain(v) => v.as_tensor().clone(),
-                Param::Orthogonal { raw, signs, loaded } => match loaded {
+                Param::Orthogonal { raw, base, loaded } => match loaded {
                     Some((snap, exact)) if detached && same(raw.as_tensor(), snap)? => {
                         exact.clone()
                     }
-                    _ if detached => householder(&raw.as_tensor().detach(), signs)?.t()?,
+                    _ if detached => reflect_from(&raw.as_tensor().detach(), base)?.t()?,
                     _ => {
-                        let graph = householder(raw.as_tensor(), signs)?.t()?;
+                        let graph = reflect_from(raw.as_tensor(), base)?.t()?;
                         let leaf = Var::from_tensor(&graph.detach())?;
                         let t = leaf.as_tensor().clone();
                         links.push(OrthoLink { leaf, graph });
@@ -194,6 +193,39 @@ impl ParamSet {
                 Param::Orthogonal { raw, .. } => (format!("{n}.raw"), raw.clone()),
             })
             .collect()
+    }
+
+    /// The fixed bases of orthogonal parameters (`Rᵀ₀`), by name: with the raw variables they
+    /// determine `R`, so checkpoints store both.
+    pub fn bases(&self) -> Vec<(String, Tensor)> {
+        self.entries
+            .iter()
+            .filter_map(|(n, p)| match p {
+                Param::Orthogonal { base, .. } => Some((n.clone(), base.clone())),
+                Param::Plain(_) => None,
+            })
+            .collect()
+    }
+
+    /// Replaces the base of orthogonal parameter `name` (restoring a checkpoint).
+    pub fn set_base(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        for (n, p) in &mut self.entries {
+            if let Param::Orthogonal { base, loaded, .. } = p {
+                if n == name {
+                    if t.dims() != base.dims() {
+                        return Err(Error::InvalidArgument(format!(
+                            "base of `{name}` has the wrong shape"
+                        )));
+                    }
+                    *base = t.to_dtype(base.dtype())?.to_device(base.device())?;
+                    *loaded = None;
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::InvalidArgument(format!(
+            "no orthogonal parameter `{name}`"
+        )))
     }
 
     /// Number of trainable scalars.

@@ -550,6 +550,9 @@ impl<'a> Trainer<'a> {
         for (n, v) in self.adapter.vars() {
             tensors.push((format!("param.{n}"), v.as_tensor().clone()));
         }
+        for (n, t) in self.adapter.bases() {
+            tensors.push((format!("param.{n}"), t));
+        }
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
             .map_err(|e| Error::InvalidArgument(format!("serialising optimiser state: {e}")))?;
         crate::adapter::native::write_atomic(&dir.join("optimizer.safetensors"), &bytes)?;
@@ -590,6 +593,15 @@ impl<'a> Trainer<'a> {
                     msg: format!("no `param.{n}`: the checkpoint is for another adapter"),
                 })?;
             v.set(t)?;
+        }
+        for (n, _) in self.adapter.bases() {
+            let t = tensors
+                .get(&format!("param.{n}"))
+                .ok_or_else(|| Error::BadWeights {
+                    path: op.clone(),
+                    msg: format!("no `param.{n}`"),
+                })?;
+            self.adapter.set_base(&n, t)?;
         }
         self.opt.restore(&tensors, state.step as u64)?;
         self.step = state.step;
