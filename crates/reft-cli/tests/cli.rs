@@ -219,3 +219,89 @@ fn adapter_for_another_model_is_refused_by_generate() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("made for another model"), "{err}");
 }
+
+#[test]
+fn train_writes_adapter_metrics_plot_and_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    let o = reft(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--template",
+        "chat",
+        "--kind",
+        "loreft",
+        "--layers",
+        "15",
+        "--rank",
+        "4",
+        "--positions",
+        "l1",
+        "--epochs",
+        "2",
+        "--lr",
+        "4e-3",
+        "--batch-size",
+        "5",
+        "--save-every",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "step_time_s",
+    ] {
+        assert!(lines[0].get(key).is_some(), "{key}");
+    }
+    assert!(out.join("checkpoint-3/optimizer.safetensors").exists());
+    assert!(out.join("checkpoint-4/reft_config.json").exists());
+    assert!(std::fs::read(out.join("loss.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+    let cfg = std::fs::read_to_string(out.join("reft_config.json")).unwrap();
+    assert!(cfg.contains("final_loss"), "{cfg}");
+    // The trained adapter loads for generation.
+    let g = reft(&[
+        "generate",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+        "--prompt",
+        "Hi",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": 3\n",
+    )
+    .unwrap();
+    let o = reft(&[
+        "train",
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2"), "{err}");
+}
