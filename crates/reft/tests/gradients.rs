@@ -162,7 +162,7 @@ fn raw_householder_gradient_equals_finite_differences() {
     adapter.set_training(true);
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 7, 3]], &dev).unwrap();
     let labels = vec![vec![-100i64, -100, -100, -100, 7, 3]];
-    let mut loss_now = |adapter: &mut Adapter| -> Tensor {
+    let loss_now = |adapter: &mut Adapter| -> Tensor {
         adapter.prepare(&PromptLayout::unpadded(vec![4])).unwrap();
         let h = model
             .forward(&ForwardInput::new(&ids), adapter, None)

@@ -64,7 +64,7 @@ fn seeded(lm: &LanguageModel, spec: &str, seed: u64) -> Adapter {
     Adapter::init(
         config,
         lm.decoder.config().hidden_size,
-        9,
+        seed,
         DType::F32,
         &Device::Cpu,
     )
