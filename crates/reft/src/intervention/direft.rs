@@ -3,31 +3,16 @@
 
 use candle_core::Tensor;
 
-use super::{affine, get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use super::{affine, get, linear_specs, Activation, Effective, KindDef, KindOptions, ParamSpec};
 use crate::Result;
 
 pub struct Direft;
 
 impl KindDef for Direft {
     fn specs(&self, d: usize, r: usize, _: &KindOptions) -> Vec<ParamSpec> {
-        let bound = 1.0 / (d as f64).sqrt();
-        vec![
-            ParamSpec {
-                name: "W1",
-                shape: vec![r, d],
-                init: Init::Uniform(bound),
-            },
-            ParamSpec {
-                name: "b1",
-                shape: vec![r],
-                init: Init::Uniform(bound),
-            },
-            ParamSpec {
-                name: "W2",
-                shape: vec![r, d],
-                init: Init::Uniform(bound),
-            },
-        ]
+        let mut s = linear_specs("W1", Some("b1"), d, r);
+        s.extend(linear_specs("W2", None, d, r));
+        s
     }
 
     fn delta(&self, h: &Tensor, p: &Effective, act: Activation) -> Result<Tensor> {

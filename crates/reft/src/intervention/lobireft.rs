@@ -2,25 +2,14 @@
 
 use candle_core::Tensor;
 
-use super::{get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use super::{get, r_spec, target_spec, Activation, Effective, KindDef, KindOptions, ParamSpec};
 use crate::Result;
 
 pub struct Lobireft;
 
 impl KindDef for Lobireft {
     fn specs(&self, d: usize, r: usize, _: &KindOptions) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec {
-                name: "R",
-                shape: vec![r, d],
-                init: Init::Orthogonal,
-            },
-            ParamSpec {
-                name: "b",
-                shape: vec![r],
-                init: Init::UnitUniform,
-            },
-        ]
+        vec![r_spec(d, r), target_spec(r)]
     }
 
     fn delta(&self, h: &Tensor, p: &Effective, _: Activation) -> Result<Tensor> {

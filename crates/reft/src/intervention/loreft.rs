@@ -3,31 +3,18 @@
 
 use candle_core::Tensor;
 
-use super::{affine, get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use super::{
+    affine, get, linear_specs, r_spec, Activation, Effective, KindDef, KindOptions, ParamSpec,
+};
 use crate::Result;
 
 pub struct Loreft;
 
 impl KindDef for Loreft {
     fn specs(&self, d: usize, r: usize, _: &KindOptions) -> Vec<ParamSpec> {
-        let bound = 1.0 / (d as f64).sqrt();
-        vec![
-            ParamSpec {
-                name: "R",
-                shape: vec![r, d],
-                init: Init::Orthogonal,
-            },
-            ParamSpec {
-                name: "W",
-                shape: vec![r, d],
-                init: Init::Uniform(bound),
-            },
-            ParamSpec {
-                name: "b",
-                shape: vec![r],
-                init: Init::Uniform(bound),
-            },
-        ]
+        let mut s = vec![r_spec(d, r)];
+        s.extend(linear_specs("W", Some("b"), d, r));
+        s
     }
 
     fn delta(&self, h: &Tensor, p: &Effective, act: Activation) -> Result<Tensor> {

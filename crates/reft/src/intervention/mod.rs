@@ -280,6 +280,48 @@ impl Intervention {
     }
 }
 
+/// The orthonormal `R` `[r, d]` (shared by every kind with a learned subspace).
+fn r_spec(d: usize, r: usize) -> ParamSpec {
+    ParamSpec {
+        name: "R",
+        shape: vec![r, d],
+        init: Init::Orthogonal,
+    }
+}
+
+/// A PyTorch-initialised `nn.Linear(d, r)`: weight `[r, d]` and optional bias `[r]`, both
+/// uniform in `±1/√d`.
+fn linear_specs(
+    weight: &'static str,
+    bias: Option<&'static str>,
+    d: usize,
+    r: usize,
+) -> Vec<ParamSpec> {
+    let bound = 1.0 / (d as f64).sqrt();
+    let mut v = vec![ParamSpec {
+        name: weight,
+        shape: vec![r, d],
+        init: Init::Uniform(bound),
+    }];
+    if let Some(b) = bias {
+        v.push(ParamSpec {
+            name: b,
+            shape: vec![r],
+            init: Init::Uniform(bound),
+        });
+    }
+    v
+}
+
+/// A learned target `b` `[r]`, uniform in `[0, 1)` as `torch.rand`.
+fn target_spec(r: usize) -> ParamSpec {
+    ParamSpec {
+        name: "b",
+        shape: vec![r],
+        init: Init::UnitUniform,
+    }
+}
+
 /// `x Wᵀ + b` for rows `x` `[n, d]`, `W` `[r, d]`, `b` `[r]`.
 fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = x.matmul(&w.t()?)?;

@@ -2,38 +2,15 @@
 
 use candle_core::Tensor;
 
-use super::{affine, get, Activation, Effective, Init, KindDef, KindOptions, ParamSpec};
+use super::{affine, get, linear_specs, Activation, Effective, KindDef, KindOptions, ParamSpec};
 use crate::Result;
 
 pub struct Noreft;
 
 impl KindDef for Noreft {
     fn specs(&self, d: usize, r: usize, opts: &KindOptions) -> Vec<ParamSpec> {
-        let bound = 1.0 / (d as f64).sqrt();
-        let mut s = vec![
-            ParamSpec {
-                name: "W1",
-                shape: vec![r, d],
-                init: Init::Uniform(bound),
-            },
-            ParamSpec {
-                name: "b1",
-                shape: vec![r],
-                init: Init::Uniform(bound),
-            },
-            ParamSpec {
-                name: "W2",
-                shape: vec![r, d],
-                init: Init::Uniform(bound),
-            },
-        ];
-        if opts.proj_bias {
-            s.push(ParamSpec {
-                name: "b2",
-                shape: vec![r],
-                init: Init::Uniform(bound),
-            });
-        }
+        let mut s = linear_specs("W1", Some("b1"), d, r);
+        s.extend(linear_specs("W2", opts.proj_bias.then_some("b2"), d, r));
         s
     }
 
