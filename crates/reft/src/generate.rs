@@ -353,12 +353,6 @@ fn flush(s: &mut SeqState, i: usize, on_text: &mut dyn FnMut(usize, &str)) {
     }
 }
 
-/// Logits `[b, t, vocab]` of a plain (hook-free) forward pass over unpadded `ids`.
-pub fn full_logits(model: &Decoder, ids: &Tensor) -> Result<Tensor> {
-    let h = model.forward(&ForwardInput::new(ids), &mut NoHooks, None)?;
-    model.lm_head(&h)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -353,10 +353,6 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// interleaves the two RoPE halves of each head (rows `2i, 2i+1` are HF rows `i, i+hd/2`);
 /// Hugging Face's half-split RoPE needs them split again.
 fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
-    debug_assert_eq!(
-        w.dim(0).ok(),
-        Some(rope_row_permutation(w.dim(0)?, heads).len())
-    );
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
     Ok(w.reshape((heads, hd / 2, 2, cols))?

@@ -298,7 +298,8 @@ pub fn run(mut a: Args) -> Result<()> {
     if truncated > 0 {
         eprintln!("{truncated} example(s) were truncated to --max-length");
     }
-    train_and_save(&lm, p, train, eval, a.resume.as_deref())
+    train_adapter(&lm, p, train, eval, a.resume.as_deref())?;
+    Ok(())
 }
 
 fn examples(
@@ -312,19 +313,8 @@ fn examples(
     Ok(tokenize(lm, &records, tok)?)
 }
 
-/// Trains with a progress bar, Ctrl-C handling and the output folder; returns the adapter.
-pub fn train_and_save(
-    lm: &LanguageModel,
-    p: Plan,
-    train: Vec<Example>,
-    eval: Vec<Example>,
-    resume: Option<&Path>,
-) -> Result<()> {
-    let _ = train_adapter(lm, p, train, eval, resume)?;
-    Ok(())
-}
-
-/// The training loop behind `train` and `quickstart`.
+/// The training loop behind `train` and `quickstart`: progress bar, Ctrl-C checkpoint, output
+/// folder (adapter with its training summary, metrics, loss curve); returns the adapter.
 pub fn train_adapter(
     lm: &LanguageModel,
     p: Plan,

@@ -314,17 +314,10 @@ impl<'a> Trainer<'a> {
             position_ids: Some(&positions),
             start: hidden.as_ref().map(|h| (start_layer, h)),
         };
-        let tdec = Instant::now();
         let h = self
             .lm
             .decoder
             .forward(&input, &mut self.adapter, Some(&mut kv))?;
-        if std::env::var_os("REFT_TIMING").is_some() {
-            eprintln!(
-                "  decoder {:.3} s for [{b}, {t}] from layer {start_layer}, past {p0max}",
-                tdec.elapsed().as_secs_f64()
-            );
-        }
         // Logits only where a label exists: position q predicts token q + 1.
         let mut rows = Vec::new();
         let mut targets = Vec::new();
@@ -407,7 +400,6 @@ impl<'a> Trainer<'a> {
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for batch in micro {
             self.adapter.refresh_params()?;
-            let tf = Instant::now();
             let mut total: Option<Tensor> = None;
             let mut n = 0;
             for group in self.length_groups(batch, Set::Train) {
@@ -419,7 +411,6 @@ impl<'a> Trainer<'a> {
                 });
             }
             let total = total.ok_or_else(|| Error::InvalidArgument("empty micro-batch".into()))?;
-            let fwd_s = tf.elapsed().as_secs_f64();
             let value = total.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(Error::InvalidArgument(format!(
@@ -430,14 +421,7 @@ impl<'a> Trainer<'a> {
             loss_sum += value;
             tokens += n;
             let loss = (total / (n as f64 * micro.len() as f64))?;
-            let tb = Instant::now();
             let grads = self.adapter.backward(&loss)?;
-            if std::env::var_os("REFT_TIMING").is_some() {
-                eprintln!(
-                    "forward {fwd_s:.3} s, backward {:.3} s",
-                    tb.elapsed().as_secs_f64()
-                );
-            }
             acc = Some(match acc {
                 None => grads,
                 Some(mut a) => {
