@@ -23,6 +23,7 @@ pub mod ops;
 pub mod parallel;
 pub mod position;
 pub mod quant;
+pub mod quickstart;
 pub mod template;
 pub mod tokenizer;
 pub mod train;

@@ -49,6 +49,11 @@ impl FrozenLinear {
         &self.weight
     }
 
+    /// The bias, `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Applies the layer to `x` of shape `[…, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -93,16 +98,57 @@ fn quant_eligible(x: &Tensor, rows: usize) -> bool {
 pub struct FusedLinears {
     parts: Vec<FrozenLinear>,
     stacked: Option<std::sync::Arc<QuantWeight>>,
+    /// The parts' weights stacked `[Σ out, in]` (each part's weight is a view into it, so
+    /// stacking costs no memory), and their biases if all have one.
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl FusedLinears {
-    /// Groups `parts`; stacking happens only if every part has quantized blocks of one format.
-    pub fn new(parts: Vec<FrozenLinear>) -> Self {
+    /// Groups `parts` (at least one, all with the same input size); quantized blocks are
+    /// stacked only if every part has blocks of one format.
+    pub fn new(mut parts: Vec<FrozenLinear>) -> Result<Self> {
         let quants: Option<Vec<&QuantWeight>> = parts.iter().map(|p| p.quant.as_deref()).collect();
         let stacked = quants
             .and_then(|q| QuantWeight::concat_rows(&q))
             .map(std::sync::Arc::new);
-        Self { parts, stacked }
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        // Stacked biases exist when any part has one (zeros stand in for the others).
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            let b = parts
+                .iter()
+                .map(|p| match &p.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(p.weight.dim(0)?, p.weight.dtype(), p.weight.device()),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&b, 0)?)
+        } else {
+            None
+        };
+        let mut start = 0;
+        for p in &mut parts {
+            let rows = p.weight.dim(0)?;
+            p.weight = weight.narrow(0, start, rows)?;
+            start += rows;
+        }
+        Ok(Self {
+            parts,
+            stacked,
+            weight,
+            bias,
+        })
+    }
+
+    /// All parts' weights stacked, `[Σ out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// All parts' biases stacked, if every part has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The parts.
@@ -229,12 +275,19 @@ pub fn set_flush_to_zero_on_this_thread() {
 }
 
 /// Turns on flush-to-zero on the calling thread and on every thread of the global rayon pool
-/// (which candle and gemm use for CPU kernels). Call once, early; later calls only touch the
-/// calling thread.
+/// (which candle and gemm use for CPU kernels), and pins the thread count in
+/// `RAYON_NUM_THREADS` when unset. Call once, early (before other threads exist); later calls
+/// only touch the calling thread.
 pub fn enable_flush_to_zero() {
     set_flush_to_zero_on_this_thread();
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // candle asks for its thread count before every matmul and, unless this variable is
+        // set, re-reads /proc/cpuinfo each time (several % of a training step here).
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
         // Fails only if the global pool already exists; then set it on each of its threads.
         let built = rayon::ThreadPoolBuilder::new()
             .start_handler(|_| set_flush_to_zero_on_this_thread())

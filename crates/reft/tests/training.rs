@@ -212,3 +212,24 @@ fn an_empty_dataset_is_an_error() {
     .expect("error");
     assert!(e.to_string().contains("empty"), "{e}");
 }
+
+/// The fused CPU kernels (hook-free layers, LM-head loss) and the composed candle ops train the
+/// same adapter: same losses step by step, with interventions at two layers so that the fused
+/// run is split around the upper one.
+#[test]
+fn fused_kernels_and_composed_ops_train_alike() {
+    let lm = tiny();
+    let mut runs = Vec::new();
+    for fused in [true, false] {
+        lm.decoder.set_fused_layers(fused);
+        let mut t = Trainer::new(&lm, adapter(&lm, SPEC), data(), data(), config(true)).unwrap();
+        t.run(&mut |_| {}, &|| false).unwrap();
+        runs.push(losses(&t));
+    }
+    lm.decoder.set_fused_layers(true);
+    let (a, b) = (&runs[0], &runs[1]);
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-4 * y.abs().max(1.0), "{a:?} vs {b:?}");
+    }
+}

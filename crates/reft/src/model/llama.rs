@@ -5,7 +5,11 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
 use super::config::DecoderConfig;
+use super::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use super::{Component, Hooks, KvCache, Site, SiteContext};
 use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
@@ -74,6 +78,8 @@ pub struct Decoder {
     inv_freq: Vec<f64>,
     device: Device,
     dtype: DType,
+    /// Whether training passes run hook-free layers as one fused op (see [`super::fused`]).
+    fused_layers: AtomicBool,
 }
 
 impl Decoder {
@@ -121,14 +127,14 @@ impl Decoder {
                         linear(&format!("{p}.self_attn.q_proj"), nh * hd, d, bias)?,
                         linear(&format!("{p}.self_attn.k_proj"), nkv * hd, d, bias)?,
                         linear(&format!("{p}.self_attn.v_proj"), nkv * hd, d, bias)?,
-                    ]),
+                    ])?,
                     o: linear(&format!("{p}.self_attn.o_proj"), d, nh * hd, false)?,
                 },
                 mlp: Mlp {
                     gate_up: FusedLinears::new(vec![
                         linear(&format!("{p}.mlp.gate_proj"), i, d, false)?,
                         linear(&format!("{p}.mlp.up_proj"), i, d, false)?,
-                    ]),
+                    ])?,
                     down: linear(&format!("{p}.mlp.down_proj"), d, i, false)?,
                 },
             });
@@ -155,6 +161,7 @@ impl Decoder {
             inv_freq,
             device: device.clone(),
             dtype,
+            fused_layers: AtomicBool::new(true),
         })
     }
 
@@ -185,6 +192,20 @@ impl Decoder {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Turns the fused training path for hook-free layers on (the default) or off. Both give
+    /// the same losses and gradients; off, every op is a candle op (slower).
+    pub fn set_fused_layers(&self, on: bool) {
+        self.fused_layers
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether passes with a graph take the fused path (on, f32, CPU).
+    pub fn runs_fused_layers(&self) -> bool {
+        self.fused_layers.load(std::sync::atomic::Ordering::Relaxed)
+            && self.dtype == DType::F32
+            && self.device.is_cpu()
     }
 
     /// The compute dtype.
@@ -248,8 +269,40 @@ impl Decoder {
         if first_layer > 0 {
             h = hook(first_layer - 1, Component::BlockOutput, h)?;
         }
-        for (l, layer) in self.layers.iter().enumerate().skip(first_layer) {
+        // The fused path serves passes that record a graph (training), from the first layer
+        // whose input carries one.
+        let fused = self.runs_fused_layers() && h.dtype() == DType::F32;
+        let mut geo: Option<Option<Arc<Geometry>>> = None;
+        let n_layers = self.cfg.num_layers;
+        let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
+        let inner_hooks =
+            |l: usize| at(l, Component::AttentionOutput) || at(l, Component::MlpOutput);
+        let mut l = first_layer;
+        while l < n_layers {
             h = hook(l, Component::BlockInput, h)?;
+            if fused && h.track_op() && geo.is_none() {
+                geo = Some(self.fused_geometry(b, t, past, input.attention_mask, &cos, &sin)?);
+            }
+            if let Some(geo) = geo
+                .as_ref()
+                .and_then(Option::as_ref)
+                .filter(|_| !inner_hooks(l))
+            {
+                // A run of layers with no hook inside: one fused op.
+                let mut end = l + 1;
+                while end < n_layers
+                    && !inner_hooks(end)
+                    && !at(end - 1, Component::BlockOutput)
+                    && !at(end, Component::BlockInput)
+                {
+                    end += 1;
+                }
+                h = self.fused_run(l..end, &h, geo, cache.as_deref_mut())?;
+                h = hook(end - 1, Component::BlockOutput, h)?;
+                l = end;
+                continue;
+            }
+            let layer = &self.layers[l];
             let x = rms_norm(&h, &layer.input_norm, self.cfg.rms_norm_eps)?;
             let kv = cache.as_deref_mut().map(|c| (c, l));
             let a = self.attention(&layer.attn, &x, &cos, &sin, mask.as_ref(), kv)?;
@@ -264,6 +317,7 @@ impl Decoder {
             let m = hook(l, Component::MlpOutput, m)?;
             h = (h + m)?;
             h = hook(l, Component::BlockOutput, h)?;
+            l += 1;
         }
         rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
     }
@@ -271,6 +325,11 @@ impl Decoder {
     /// Applies the LM head to final hidden states `[…, d]`, giving logits `[…, vocab]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
+    }
+
+    /// The LM head's weight `[vocab, d]`.
+    pub(crate) fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
     }
 
     fn attention(
@@ -308,6 +367,123 @@ impl Decoder {
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         attn.o.forward(&out)
+    }
+
+    /// Where the real rows of each sequence are, for the fused path; `None` when an example's
+    /// real tokens are not contiguous (then the composed path runs).
+    fn fused_geometry(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        mask: Option<&[Vec<u32>]>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<Arc<Geometry>>> {
+        let (mut real, mut prefix) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for bi in 0..b {
+            let visible = |j: usize| mask.is_none_or(|m| m[bi][j] != 0);
+            let cols: Vec<usize> = (0..t).filter(|&i| visible(past + i)).collect();
+            let lo = cols.first().copied().unwrap_or(0);
+            if cols.last().is_some_and(|&hi| hi + 1 - lo != cols.len()) {
+                return Ok(None);
+            }
+            real.push((lo, cols.len()));
+            prefix.push((0..past).filter(|&j| visible(j)).collect());
+        }
+        let hd = self.cfg.head_dim;
+        let table = |x: &Tensor| -> Result<Vec<f32>> {
+            let all = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = Vec::new();
+            for (bi, &(lo, len)) in real.iter().enumerate() {
+                out.extend_from_slice(&all[(bi * t + lo) * hd..(bi * t + lo + len) * hd]);
+            }
+            Ok(out)
+        };
+        let (cos, sin) = (table(cos)?, table(sin)?);
+        Ok(Some(Arc::new(Geometry {
+            b,
+            t,
+            d: self.cfg.hidden_size,
+            nh: self.cfg.num_heads,
+            nkv: self.cfg.num_kv_heads,
+            hd,
+            eps: self.cfg.rms_norm_eps as f32,
+            past,
+            real,
+            prefix,
+            cos,
+            sin,
+        })))
+    }
+
+    /// Layers `range` as one fused op on `h` `[b, t, d]`; their keys and values are appended to
+    /// `cache` (zeros at padding).
+    fn fused_run(
+        &self,
+        range: std::ops::Range<usize>,
+        h: &Tensor,
+        geo: &Arc<Geometry>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut layers = Vec::with_capacity(range.len());
+        let mut prefix_kv = Vec::with_capacity(range.len());
+        for l in range.clone() {
+            let layer = &self.layers[l];
+            layers.push(LayerWeights {
+                in_norm: layer.input_norm.contiguous()?,
+                post_norm: layer.post_attention_norm.contiguous()?,
+                qkv: layer.attn.qkv.weight().contiguous()?,
+                qkv_bias: layer.attn.qkv.bias().cloned(),
+                o: layer.attn.o.weight().contiguous()?,
+                gate_up: layer.mlp.gate_up.weight().contiguous()?,
+                down: layer.mlp.down.weight().contiguous()?,
+            });
+            let pkv = match (geo.past, cache.as_deref()) {
+                (0, _) => None,
+                (_, Some(c)) => match c.layer(l) {
+                    Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
+                    None => {
+                        return Err(Error::InvalidArgument(format!(
+                            "the key/value cache has no entry for layer {l}"
+                        )))
+                    }
+                },
+                (_, None) => None,
+            };
+            prefix_kv.push(pkv);
+        }
+        let state = Arc::new(Mutex::new(FusedState::default()));
+        let op = FusedBlocks {
+            layers,
+            prefix_kv,
+            geo: geo.clone(),
+            state: state.clone(),
+        };
+        let out = h.contiguous()?.apply_op1(op)?;
+        if let Some(c) = cache {
+            let new_kv = std::mem::take(&mut state.lock().expect("fused state lock").new_kv);
+            let (nkv, hd, t) = (geo.nkv, geo.hd, geo.t);
+            for (l, (k, v)) in range.zip(new_kv) {
+                let unpack = |x: &[f32]| -> Result<Tensor> {
+                    let mut out = vec![0f32; geo.b * nkv * t * hd];
+                    let mut row = 0;
+                    for (bi, &(lo, len)) in geo.real.iter().enumerate() {
+                        for i in 0..len {
+                            for g in 0..nkv {
+                                let src = (row + i) * nkv * hd + g * hd;
+                                let dst = ((bi * nkv + g) * t + lo + i) * hd;
+                                out[dst..dst + hd].copy_from_slice(&x[src..src + hd]);
+                            }
+                        }
+                        row += len;
+                    }
+                    Ok(Tensor::from_vec(out, (geo.b, nkv, t, hd), &self.device)?)
+                };
+                c.append(l, &unpack(&k)?, &unpack(&v)?)?;
+            }
+        }
+        Ok(out)
     }
 
     /// Additive mask `[b, 1, 1, t, past + t]`, or `None` when nothing needs masking.

@@ -8,6 +8,9 @@
 //! only when one of its inputs carries a variable.
 
 pub mod config;
+mod cpu_math;
+mod fused;
+mod head_loss;
 pub mod kv_cache;
 pub mod llama;
 

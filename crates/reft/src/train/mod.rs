@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -237,7 +237,17 @@ impl<'a> Trainer<'a> {
             .map(|c| if cached { c.map_or(0, |c| c.p0) } else { 0 })
             .collect();
         let p0max = p0.iter().copied().max().unwrap_or(0);
-        let ids: Vec<Vec<u32>> = exs.iter().map(|e| e.ids()).collect();
+        // The last token predicts nothing and nothing attends to it: it is not run.
+        let ids: Vec<Vec<u32>> = exs
+            .iter()
+            .map(|e| {
+                let mut v = e.ids();
+                if !e.response_ids.is_empty() {
+                    v.pop();
+                }
+                v
+            })
+            .collect();
         let tails: Vec<usize> = ids.iter().zip(&p0).map(|(v, &p)| v.len() - p).collect();
         let t = tails.iter().copied().max().unwrap_or(0);
         let mut flat_ids = Vec::with_capacity(b * t);
@@ -270,11 +280,12 @@ impl<'a> Trainer<'a> {
             (true, l) if l > 0 => {
                 let rows = caches
                     .iter()
-                    .map(|c| {
+                    .zip(&tails)
+                    .map(|(c, &len)| {
                         let h = c.and_then(|c| c.hidden.as_ref()).ok_or_else(|| {
                             Error::InvalidArgument("prefix cache without hidden states".into())
                         })?;
-                        Ok(h.pad_with_zeros(1, 0, t - h.dim(1)?)?)
+                        Ok(h.narrow(1, 0, len)?.pad_with_zeros(1, 0, t - len)?)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Some(Tensor::cat(&rows, 0)?)
@@ -331,15 +342,18 @@ impl<'a> Trainer<'a> {
         let picked = h
             .reshape((b * t, d))?
             .index_select(&Tensor::from_vec(rows, n, &dev)?, 0)?;
-        let logits = self.lm.decoder.lm_head(&picked)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_vec(targets, (n, 1), &dev)?;
-        Ok((logp.gather(&targets, 1)?.sum_all()?.neg()?, n))
+        let r = self.lm.decoder.head_loss(&picked, &targets)?;
+        Ok((r, n))
     }
 
     /// Splits a micro-batch into groups of similar recomputed length, so that one long
-    /// example does not pad every other one to its length (at most ~30 % padding per group).
+    /// example does not pad every other one to its length (at most ~30 % padding per group),
+    /// unless the model's fused layers skip padding anyway.
     fn length_groups(&self, idx: &[usize], set: Set) -> Vec<Vec<usize>> {
+        if self.lm.decoder.runs_fused_layers() {
+            // Padding costs nothing there: padding rows are skipped.
+            return vec![idx.to_vec()];
+        }
         let len = |i: usize| -> usize {
             match set {
                 Set::Train => {
