@@ -52,36 +52,40 @@ fn main() -> reft::Result<()> {
     let steps = 15;
     let examples = quickstart::examples(&lm)?;
     let cfg = lm.decoder.config().clone();
-    // Work per step: each example recomputes its last prompt token and its response from layer
-    // 16 up (forward, then an input-only backward of the same cost), and the LM head runs on
-    // each labelled position (forward and backward).
-    let rows: usize = examples.iter().map(|e| e.response_ids.len() + 1).sum();
+    // Work per step: each example recomputes its last prompt token and its response but the
+    // final token from layer 16 up (forward, then an input-only backward of the same cost), and
+    // the LM head runs on each of those (labelled) positions, forward and backward.
+    let rows: usize = examples.iter().map(|e| e.response_ids.len()).sum();
     let labelled: usize = examples.iter().map(|e| e.response_ids.len()).sum();
     let (d, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let layer_params = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2 + 3 * d * i;
     let layers = cfg.num_layers - 16;
     let flops = 2.0 * 2.0 * (rows * layers * layer_params + labelled * d * cfg.vocab_size) as f64;
 
-    let adapter = Adapter::init(
-        quickstart::adapter_config(&lm)?,
-        d,
-        42,
-        lm.decoder.dtype(),
-        &dev,
-    )?;
-    let t = Instant::now();
-    let mut trainer = Trainer::new(
-        &lm,
-        adapter,
-        examples,
-        Vec::new(),
-        quickstart::train_config(steps, 42),
-    )?;
-    let setup_s = t.elapsed().as_secs_f64();
-    trainer.run(&mut |_| {}, &|| false)?;
-    // The first step warms caches and thread pools.
-    let times: Vec<f64> = trainer.metrics[1..].iter().map(|m| m.step_time_s).collect();
-    let step = median(times);
+    let run = |steps: usize| -> reft::Result<(f64, f64, f64)> {
+        let adapter =
+            Adapter::init(quickstart::adapter_config(&lm)?, d, 42, lm.decoder.dtype(), &dev)?;
+        let t = Instant::now();
+        let mut trainer = Trainer::new(
+            &lm,
+            adapter,
+            examples.clone(),
+            Vec::new(),
+            quickstart::train_config(steps, 42),
+        )?;
+        let setup_s = t.elapsed().as_secs_f64();
+        trainer.run(&mut |_| {}, &|| false)?;
+        // The first step warms caches and thread pools.
+        let times: Vec<f64> = trainer.metrics[1..].iter().map(|m| m.step_time_s).collect();
+        let loss = trainer.metrics.last().map_or(f64::NAN, |m| m.loss);
+        Ok((median(times), setup_s, loss))
+    };
+    let (step, setup_s, loss) = run(steps)?;
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    // The same steps with every op a candle op (the fused CPU kernels off).
+    lm.decoder.set_fused_layers(false);
+    let (composed_step, _, composed_loss) = run(5)?;
+    lm.decoder.set_fused_layers(true);
     let rate_big = matmul_rate(1024, 1024, 1024)?;
     let rate_step = matmul_rate(rows, d, i)?;
     println!(
@@ -100,10 +104,10 @@ fn main() -> reft::Result<()> {
         "f32 matmul on this machine: {rate_big:.0} GFLOP/s at 1024^3, {rate_step:.0} GFLOP/s at [{rows}x{d}]x[{d}x{i}]; the step achieves {:.0} % of the larger",
         100.0 * flops / 1e9 / step / rate_big.max(rate_step)
     );
+    println!("final loss {loss:.4} after {steps} steps; peak RSS {rss:.0} MB");
     println!(
-        "final loss {:.4}; peak RSS {:.0} MB",
-        trainer.metrics.last().map_or(f64::NAN, |m| m.loss),
-        peak_rss_mb().unwrap_or(f64::NAN)
+        "composed candle ops instead of the fused kernels: median {composed_step:.3} s per step ({:.1}x slower; loss after 5 steps {composed_loss:.4})",
+        composed_step / step
     );
     Ok(())
 }
