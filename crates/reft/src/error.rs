@@ -77,6 +77,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// A Python package's wheel could not be fetched or unpacked.
+    #[error("package `{requirement}`: {msg}")]
+    PackageFetch {
+        /// The `pip` requirement.
+        requirement: String,
+        /// What went wrong.
+        msg: String,
+    },
+
     /// A caller passed invalid arguments (generation options, sites, …).
     #[error("{0}")]
     InvalidArgument(String),

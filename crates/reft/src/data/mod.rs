@@ -1,5 +1,8 @@
-//! Training data (SPEC §5): records from JSONL (or CSV/TSV), prompt templates, and tokenisation
-//! into prompt/response id pairs where the prompt is always an exact prefix.
+//! Training data (SPEC §5): records from JSONL (or JSON, CSV/TSV, Hugging Face `datasets`
+//! folders), prompt templates, and tokenisation into prompt/response id pairs where the prompt is
+//! always an exact prefix.
+
+mod arrow;
 
 use std::path::Path;
 
@@ -70,9 +73,28 @@ pub struct Record {
     pub response: String,
 }
 
-/// Reads records from a JSONL, JSON (array), CSV or TSV file. A bad line is reported with its
-/// number.
+/// Reads records from a JSONL, JSON (array), CSV or TSV file, a Hugging Face `datasets` folder
+/// (`Dataset.save_to_disk`: Arrow IPC streams beside `state.json`/`dataset_info.json`) or a single
+/// `.arrow` file. A bad line is reported with its number, a bad Arrow row as `row N` (1-based,
+/// counted across the folder's files).
 pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
+    if let Some(files) = arrow::arrow_files(path)? {
+        // Only the columns `record_of` reads: other columns (long passages, images, types JSON
+        // cannot hold) are never converted.
+        let columns = [
+            fields.prompt.as_str(),
+            &fields.response,
+            &fields.input,
+            &fields.messages,
+        ];
+        let rows = arrow::read_rows(&files, &columns)?;
+        return records_of(
+            path,
+            "row",
+            rows.into_iter().enumerate().map(|(i, v)| (i + 1, v)),
+            fields,
+        );
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let bad = |line: usize, msg: String| Error::BadConfig {
         path: path.to_path_buf(),
@@ -102,9 +124,22 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
             })
             .collect::<Result<_>>()?,
     };
+    records_of(path, "line", rows.into_iter(), fields)
+}
+
+/// Records from numbered rows; a bad one is reported as `{unit} {number}`.
+fn records_of(
+    path: &Path,
+    unit: &str,
+    rows: impl ExactSizeIterator<Item = (usize, Value)>,
+    fields: &Fields,
+) -> Result<Vec<Record>> {
     let mut out = Vec::with_capacity(rows.len());
-    for (line, v) in rows {
-        out.push(record_of(&v, fields).map_err(|msg| bad(line, msg))?);
+    for (n, v) in rows {
+        out.push(record_of(&v, fields).map_err(|msg| Error::BadConfig {
+            path: path.to_path_buf(),
+            msg: format!("{unit} {n}: {msg}"),
+        })?);
     }
     if out.is_empty() {
         return Err(Error::BadConfig {

