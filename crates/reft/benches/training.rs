@@ -63,8 +63,13 @@ fn main() -> reft::Result<()> {
     let flops = 2.0 * 2.0 * (rows * layers * layer_params + labelled * d * cfg.vocab_size) as f64;
 
     let run = |steps: usize| -> reft::Result<(f64, f64, f64)> {
-        let adapter =
-            Adapter::init(quickstart::adapter_config(&lm)?, d, 42, lm.decoder.dtype(), &dev)?;
+        let adapter = Adapter::init(
+            quickstart::adapter_config(&lm)?,
+            d,
+            42,
+            lm.decoder.dtype(),
+            &dev,
+        )?;
         let t = Instant::now();
         let mut trainer = Trainer::new(
             &lm,

@@ -16,9 +16,16 @@ use reft::LanguageModel;
 fn main() -> reft::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let out = PathBuf::from(args.pop().expect("usage: export_hf [MODEL] OUT_DIR"));
-    let spec = args.pop().unwrap_or_else(|| reft::hub::DEFAULT_MODEL.into());
+    let spec = args
+        .pop()
+        .unwrap_or_else(|| reft::hub::DEFAULT_MODEL.into());
     let path = reft::load::resolve(&spec, &mut |m| eprintln!("{m}"))?;
-    let lm = LanguageModel::load(path.to_str().expect("utf-8"), &Device::Cpu, &Default::default(), &mut |_| {})?;
+    let lm = LanguageModel::load(
+        path.to_str().expect("utf-8"),
+        &Device::Cpu,
+        &Default::default(),
+        &mut |_| {},
+    )?;
     let g = GgufFile::open(&path)?;
     let cfg = gguf_config(&g)?;
     let src = WeightSource::Gguf(g);
@@ -40,10 +47,22 @@ fn main() -> reft::Result<()> {
         names.extend([
             (format!("{p}.input_layernorm.weight"), vec![d]),
             (format!("{p}.post_attention_layernorm.weight"), vec![d]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![cfg.num_heads * hd, d]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![cfg.num_kv_heads * hd, d]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![cfg.num_kv_heads * hd, d]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![d, cfg.num_heads * hd]),
+            (
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![cfg.num_heads * hd, d],
+            ),
+            (
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![cfg.num_kv_heads * hd, d],
+            ),
+            (
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![cfg.num_kv_heads * hd, d],
+            ),
+            (
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, cfg.num_heads * hd],
+            ),
             (format!("{p}.mlp.gate_proj.weight"), vec![i, d]),
             (format!("{p}.mlp.up_proj.weight"), vec![i, d]),
             (format!("{p}.mlp.down_proj.weight"), vec![d, i]),
@@ -69,7 +88,8 @@ fn main() -> reft::Result<()> {
         "bos_token_id": lm.tokenizer.bos_id, "eos_token_id": lm.tokenizer.eos_ids.first(),
         "torch_dtype": "float32",
     });
-    std::fs::write(out.join("config.json"), config.to_string()).map_err(|e| reft::Error::io(&out, e))?;
+    std::fs::write(out.join("config.json"), config.to_string())
+        .map_err(|e| reft::Error::io(&out, e))?;
     lm.tokenizer
         .inner()
         .save(out.join("tokenizer.json"), false)

@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_math::{f32s, linear, linear_back, mm, rms_norm, rms_norm_back, rope, silu, View};
+use super::cpu_math::{
+    exp_shifted, f32s, linear, linear_back, mm, rms_norm, rms_norm_back, rope, scale as scale_by,
+    swiglu, swiglu_back, View,
+};
 
 /// One layer's frozen weights (cheap clones of the model's tensors).
 #[derive(Clone)]
@@ -183,9 +186,7 @@ impl FusedBlocks {
             .zip(gate_up.par_chunks(2 * inter))
             .for_each(|(a, gu)| {
                 let (gate, up) = gu.split_at(inter);
-                for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = silu(g) * u;
-                }
+                swiglu(a, gate, up);
             });
         let mut out = h_mid.clone();
         mm(
@@ -267,18 +268,9 @@ impl FusedBlocks {
                     );
                     for (i, row) in p.chunks_mut(s).enumerate() {
                         let visible = np + i + 1;
-                        let mut max = f32::NEG_INFINITY;
-                        for x in &mut row[..visible] {
-                            *x *= scale;
-                            max = max.max(*x);
-                        }
-                        let mut sum = 0.0;
-                        for x in &mut row[..visible] {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        row[..visible].iter_mut().for_each(|x| *x *= inv);
+                        scale_by(&mut row[..visible], scale);
+                        let (_, sum) = exp_shifted(&mut row[..visible]);
+                        scale_by(&mut row[..visible], (1.0 / sum) as f32);
                         row[visible..].fill(0.0);
                     }
                     mm(
@@ -324,12 +316,7 @@ impl FusedBlocks {
             .for_each(|(dgu, (da, gu))| {
                 let (dg, du) = dgu.split_at_mut(inter);
                 let (gate, up) = gu.split_at(inter);
-                for i in 0..inter {
-                    let (x, u) = (gate[i], up[i]);
-                    let sig = 1.0 / (1.0 + (-x).exp());
-                    dg[i] = da[i] * u * sig * (1.0 + x * (1.0 - sig));
-                    du[i] = da[i] * x * sig;
-                }
+                swiglu_back(dg, du, da, gate, up);
             });
         let mut d_x2 = vec![0f32; n * d];
         linear_back(&mut d_x2, &d_gu, w.gate_up, n, d, 2 * inter);

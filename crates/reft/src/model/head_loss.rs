@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_math::{f32s, mm, View};
+use super::cpu_math::{exp_shifted, f32s, mm, scale, View};
 use super::llama::Decoder;
 use crate::{Error, Result};
 
@@ -51,15 +51,9 @@ impl CustomOp1 for HeadLoss {
             .par_chunks_mut(vocab)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let target = row[t as usize];
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                row.iter_mut().for_each(|x| *x *= inv);
+                let (max, sum) = exp_shifted(row);
+                scale(row, (1.0 / sum) as f32);
                 sum.ln() + max as f64 - target as f64
             })
             .sum();
@@ -87,7 +81,7 @@ impl CustomOp1 for HeadLoss {
             .zip(self.targets.par_iter())
             .for_each(|(row, &t)| {
                 row[t as usize] -= 1.0;
-                row.iter_mut().for_each(|x| *x *= g);
+                scale(row, g);
             });
         let mut dx = vec![0f32; n * d];
         mm(
