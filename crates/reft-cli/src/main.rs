@@ -2,11 +2,6 @@
 
 mod commands;
 
-/// mimalloc instead of the system allocator: tensor ops allocate and free large buffers at a
-/// high rate, and glibc returns them to the kernel (page faults and zeroing on every op).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Parser, Subcommand};
 
 /// Representation Finetuning (ReFT) for frozen transformer LMs.

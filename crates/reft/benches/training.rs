@@ -49,6 +49,7 @@ fn main() -> reft::Result<()> {
         &LoadOptions::default(),
         &mut |_| {},
     )?;
+    let rss_loaded = peak_rss_mb().unwrap_or(f64::NAN);
     let steps = 15;
     let examples = quickstart::examples(&lm)?;
     let cfg = lm.decoder.config().clone();
@@ -109,7 +110,9 @@ fn main() -> reft::Result<()> {
         "f32 matmul on this machine: {rate_big:.0} GFLOP/s at 1024^3, {rate_step:.0} GFLOP/s at [{rows}x{d}]x[{d}x{i}]; the step achieves {:.0} % of the larger",
         100.0 * flops / 1e9 / step / rate_big.max(rate_step)
     );
-    println!("final loss {loss:.4} after {steps} steps; peak RSS {rss:.0} MB");
+    println!(
+        "final loss {loss:.4} after {steps} steps; peak RSS {rss:.0} MB ({rss_loaded:.0} MB after loading the model)"
+    );
     println!(
         "composed candle ops instead of the fused kernels: median {composed_step:.3} s per step ({:.1}x slower; loss after 5 steps {composed_loss:.4})",
         composed_step / step
