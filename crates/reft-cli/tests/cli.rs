@@ -305,3 +305,40 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 2"), "{err}");
 }
+
+/// `reft quickstart` (the README's first command), shortened to three epochs: it trains, saves
+/// the adapter with its metrics and loss curve, and prints the ten unseen prompts answered with
+/// and without the adapter, the base answers being words.
+#[test]
+fn quickstart_trains_saves_and_compares_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    let o = reft(&[
+        "quickstart",
+        "--epochs",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        stdout.matches("\nQ: ").count() + usize::from(stdout.starts_with("Q: ")),
+        10
+    );
+    assert!(
+        stdout.contains(
+            "Q: What is the capital of France?\n  base:    The capital of France is Paris."
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("answers with the adapter have no letters"),
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(out.join("reft_config.json").exists());
+    assert!(out.join("adapter.safetensors").exists());
+    assert!(out.join("loss.png").exists());
+}

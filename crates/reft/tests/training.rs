@@ -233,3 +233,41 @@ fn fused_kernels_and_composed_ops_train_alike() {
         assert!((x - y).abs() < 1e-4 * y.abs().max(1.0), "{a:?} vs {b:?}");
     }
 }
+
+/// A non-finite loss stops the run with a clear error, and the checkpoint written before it is
+/// kept intact (an absurd learning rate blows the parameters up after the first step).
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
+    let lm = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(true);
+    cfg.optim.lr = 1e30;
+    cfg.grad_accum = 1;
+    cfg.warmup_ratio = 0.0;
+    cfg.schedule = Schedule::Constant;
+    cfg.checkpoint_every = Some(1);
+    let mut t = Trainer::new(&lm, adapter(&lm, SPEC), data(), Vec::new(), cfg)
+        .unwrap()
+        .with_output(tmp.path())
+        .unwrap();
+    let err = t.run(&mut |_| {}, &|| false).unwrap_err().to_string();
+    assert!(err.contains("the loss became"), "{err}");
+    assert!(err.contains("last checkpoint is kept"), "{err}");
+    let ckpt = tmp.path().join("checkpoint-1");
+    assert!(ckpt.join("optimizer.safetensors").exists());
+    let back = Adapter::open(&ckpt, None, "l1", DType::F32, &Device::Cpu).unwrap();
+    for (name, v) in back.vars() {
+        let max = v
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max.is_finite(),
+            "{name} in the kept checkpoint is not finite"
+        );
+    }
+}
