@@ -62,6 +62,14 @@ impl Geometry {
         self.real.iter().map(|r| r.1).sum()
     }
 
+    /// The independent pieces of attention: every (example, kv head) pair.
+    fn attention_tasks(&self) -> Vec<(usize, usize)> {
+        let nkv = self.nkv;
+        (0..self.b)
+            .flat_map(|e| (0..nkv).map(move |kv| (e, kv)))
+            .collect()
+    }
+
     /// First packed row of each example.
     fn offsets(&self) -> Vec<usize> {
         let mut off = Vec::with_capacity(self.b);
@@ -227,9 +235,7 @@ impl FusedBlocks {
         let rep = nh / nkv;
         let off = g.offsets();
         let scale = 1.0 / (hd as f32).sqrt();
-        let tasks: Vec<(usize, usize)> = (0..g.b)
-            .flat_map(|e| (0..nkv).map(move |kv| (e, kv)))
-            .collect();
+        let tasks = g.attention_tasks();
         let results: Vec<_> = tasks
             .par_iter()
             .map(|&(e, kv)| {
@@ -349,9 +355,7 @@ impl FusedBlocks {
         let rep = nh / nkv;
         let off = g.offsets();
         let scale = 1.0 / (hd as f32).sqrt();
-        let tasks: Vec<(usize, usize)> = (0..g.b)
-            .flat_map(|e| (0..nkv).map(move |kv| (e, kv)))
-            .collect();
+        let tasks = g.attention_tasks();
         let results: Vec<_> = tasks
             .par_iter()
             .enumerate()
