@@ -20,6 +20,10 @@ struct HeadLoss {
     targets: Vec<u32>,
     /// The softmax of each row, kept by the forward for the backward.
     probs: Arc<Mutex<Vec<f32>>>,
+    /// The decoder's spare buffer for it: `[rows, vocab]` is tens of megabytes, which the
+    /// system allocator maps fresh (and the kernel zeroes page by page) on every step unless
+    /// it is reused.
+    spare: Arc<Mutex<Vec<f32>>>,
 }
 
 impl CustomOp1 for HeadLoss {
@@ -37,7 +41,10 @@ impl CustomOp1 for HeadLoss {
         let d = l.dims()[1];
         let n = self.targets.len();
         let vocab = w.len() / d;
-        let mut probs = vec![0f32; n * vocab];
+        let mut probs = std::mem::take(&mut *self.spare.lock().expect("head-loss lock"));
+        if probs.len() != n * vocab {
+            probs = vec![0f32; n * vocab];
+        }
         mm(
             &mut probs,
             vocab,
@@ -93,6 +100,7 @@ impl CustomOp1 for HeadLoss {
             false,
             true,
         );
+        *self.spare.lock().expect("head-loss lock") = probs;
         Ok(Some(Tensor::from_vec(dx, (n, d), arg.device())?))
     }
 }
@@ -115,6 +123,7 @@ impl Decoder {
                 weight: weight.clone(),
                 targets: targets.to_vec(),
                 probs: Arc::new(Mutex::new(Vec::new())),
+                spare: self.head_scratch().clone(),
             };
             return Ok(hidden.contiguous()?.apply_op1(op)?);
         }

@@ -8,6 +8,8 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Whether a pass's keys and values are kept (off for a fixed prefix reused across passes).
+    keep_appended: bool,
 }
 
 impl KvCache {
@@ -15,12 +17,29 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            keep_appended: true,
         }
     }
 
     /// A cache made of given per-layer keys and values (`None` for layers never run).
     pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
-        Self { layers }
+        Self {
+            layers,
+            keep_appended: true,
+        }
+    }
+
+    /// A cache that passes read but never extend: each pass attends to the same prefix and its
+    /// own tokens (training reuses one cached prompt prefix for every step this way, without
+    /// copying the prefix into a longer cache each time).
+    pub fn read_only(mut self) -> Self {
+        self.keep_appended = false;
+        self
+    }
+
+    /// Whether passes extend the cache (see [`read_only`](Self::read_only)).
+    pub fn keeps_appended(&self) -> bool {
+        self.keep_appended
     }
 
     /// Keys and values of one layer.
@@ -68,11 +87,13 @@ impl KvCache {
 
     /// Appends this step's keys and values for `layer` and returns the full keys and values.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
+        let (k, v) = match &self.layers[layer] {
             None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
+        if self.keep_appended {
+            self.layers[layer] = Some((k.clone(), v.clone()));
+        }
         Ok((k, v))
     }
 }

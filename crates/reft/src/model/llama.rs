@@ -80,6 +80,8 @@ pub struct Decoder {
     dtype: DType,
     /// Whether training passes run hook-free layers as one fused op (see [`super::fused`]).
     fused_layers: AtomicBool,
+    /// A buffer the LM-head loss reuses from step to step (see [`super::head_loss`]).
+    head_scratch: Arc<Mutex<Vec<f32>>>,
 }
 
 impl Decoder {
@@ -162,6 +164,7 @@ impl Decoder {
             device: device.clone(),
             dtype,
             fused_layers: AtomicBool::new(true),
+            head_scratch: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -327,6 +330,11 @@ impl Decoder {
         self.lm_head.forward(hidden)
     }
 
+    /// The LM-head loss's reusable buffer.
+    pub(crate) fn head_scratch(&self) -> &Arc<Mutex<Vec<f32>>> {
+        &self.head_scratch
+    }
+
     /// The LM head's weight `[vocab, d]`.
     pub(crate) fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.weight()
@@ -461,7 +469,7 @@ impl Decoder {
             state: state.clone(),
         };
         let out = h.contiguous()?.apply_op1(op)?;
-        if let Some(c) = cache {
+        if let Some(c) = cache.filter(|c| c.keeps_appended()) {
             let new_kv = std::mem::take(&mut state.lock().expect("fused state lock").new_kv);
             let (nkv, hd, t) = (geo.nkv, geo.hd, geo.t);
             for (l, (k, v)) in range.zip(new_kv) {

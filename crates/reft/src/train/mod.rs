@@ -310,7 +310,7 @@ impl<'a> Trainer<'a> {
                 }
                 layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
             }
-            crate::model::KvCache::from_layers(layers)
+            crate::model::KvCache::from_layers(layers).read_only()
         } else {
             crate::model::KvCache::new(n_layers)
         };
