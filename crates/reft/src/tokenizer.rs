@@ -43,7 +43,13 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::Tokenizer(format!("{} not found", path.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // Some files (sentence-transformers exports among them) pad every encoding to a fixed
+        // length and truncate; batching and length limits are ours to apply, so both go.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
             inner,

