@@ -7,6 +7,7 @@
 //! `Var`s, so the layers below the lowest edited site record no graph at all: candle tracks an op
 //! only when one of its inputs carries a variable.
 
+pub mod bert;
 pub mod config;
 mod cpu_math;
 mod fused;

@@ -1,0 +1,361 @@
+//! BERT-family encoders (BERT, RoBERTa, MiniLM and other sentence-transformers exports) with the
+//! same hook points as the decoders, and their sequence-classification heads.
+//!
+//! Post-LayerNorm blocks: `h' = LN(h + Attn(h))`, `out = LN(h' + FFN(h'))`, exact-erf GELU, learned
+//! absolute positions (RoBERTa's start after the padding id and skip padding tokens), token-type
+//! embeddings. Hook components follow pyvene's BERT mapping: `attention_output` is the attention
+//! block's output after its LayerNorm, `mlp_output` the feed-forward block's output after its
+//! LayerNorm (the same tensor as `block_output`, which hooks see next). Every op is composed of
+//! differentiable candle ops, so gradients reach interventions at any layer.
+
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::Value;
+
+use super::{Component, Hooks, Site, SiteContext};
+use crate::ops::{softmax_last_dim, FrozenLinear};
+use crate::weights::{LoadContext, WeightSource};
+use crate::{Error, Result};
+
+/// Which encoder family (decides positions and the classification head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderKind {
+    /// BERT and its descendants (MiniLM): positions from 0, pooler + linear classifier.
+    Bert,
+    /// RoBERTa: positions after the padding id, dense + tanh + linear classifier on `<s>`.
+    Roberta,
+}
+
+/// An encoder's shape, from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderConfig {
+    /// Family.
+    pub kind: EncoderKind,
+    /// Width.
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Learned positions.
+    pub max_position_embeddings: usize,
+    /// Token types.
+    pub type_vocab_size: usize,
+    /// Padding id (RoBERTa's positions depend on it).
+    pub pad_token_id: u32,
+    /// Classes of the classification head, when the checkpoint is a `…ForSequenceClassification`.
+    pub num_labels: Option<usize>,
+}
+
+impl EncoderConfig {
+    /// Reads a Hugging Face `config.json` of a BERT-family model.
+    pub fn from_hf_json(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::BadConfig {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let kind = match v["model_type"].as_str() {
+            Some("bert") => EncoderKind::Bert,
+            Some("roberta") => EncoderKind::Roberta,
+            other => return Err(bad(format!("not a BERT-family model: {other:?}"))),
+        };
+        let num = |k: &str| -> Result<usize> {
+            v[k].as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("missing `{k}`")))
+        };
+        if let Some(act) = v["hidden_act"].as_str().filter(|a| *a != "gelu") {
+            return Err(bad(format!("hidden_act `{act}` is not supported (gelu)")));
+        }
+        let classifier = v["architectures"].as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x.as_str()
+                    .is_some_and(|s| s.ends_with("ForSequenceClassification"))
+            })
+        });
+        let num_labels = classifier.then(|| {
+            v["id2label"].as_object().map_or_else(
+                || v["num_labels"].as_u64().unwrap_or(2) as usize,
+                |m| m.len(),
+            )
+        });
+        Ok(Self {
+            kind,
+            hidden_size: num("hidden_size")?,
+            num_layers: num("num_hidden_layers")?,
+            num_heads: num("num_attention_heads")?,
+            intermediate_size: num("intermediate_size")?,
+            layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-12),
+            vocab_size: num("vocab_size")?,
+            max_position_embeddings: num("max_position_embeddings")?,
+            type_vocab_size: v["type_vocab_size"].as_u64().unwrap_or(2) as usize,
+            pad_token_id: v["pad_token_id"]
+                .as_u64()
+                .unwrap_or(if kind == EncoderKind::Roberta { 1 } else { 0 })
+                as u32,
+            num_labels,
+        })
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+struct Layer {
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    attn_out: FrozenLinear,
+    attn_norm: LayerNorm,
+    up: FrozenLinear,
+    down: FrozenLinear,
+    out_norm: LayerNorm,
+}
+
+enum Head {
+    /// BERT: `classifier(tanh(pooler(h₀)))`.
+    Pooler {
+        pooler: FrozenLinear,
+        classifier: FrozenLinear,
+    },
+    /// RoBERTa: `out_proj(tanh(dense(h₀)))`.
+    Roberta {
+        dense: FrozenLinear,
+        out_proj: FrozenLinear,
+    },
+}
+
+/// A frozen BERT-family encoder.
+pub struct Encoder {
+    cfg: EncoderConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    device: Device,
+}
+
+impl Encoder {
+    /// Loads `cfg`'s weights from a Hugging Face folder (names with or without the `bert.` /
+    /// `roberta.` prefix, as sentence-transformers exports them).
+    pub fn load(
+        source: &WeightSource,
+        cfg: EncoderConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let ctx = LoadContext {
+            device: device.clone(),
+            dtype,
+            // Only GGUF loading looks at the architecture; encoders come from safetensors.
+            arch: super::Arch::Llama,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_heads,
+            keep_quantized: false,
+        };
+        let family = match cfg.kind {
+            EncoderKind::Bert => "bert",
+            EncoderKind::Roberta => "roberta",
+        };
+        let prefix = if source.contains(&format!("{family}.embeddings.word_embeddings.weight")) {
+            format!("{family}.")
+        } else {
+            String::new()
+        };
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let get = |name: &str, shape: &[usize]| source.get(name, shape, &ctx);
+        let linear = |name: &str, out: usize, inp: usize| -> Result<FrozenLinear> {
+            Ok(FrozenLinear::new(
+                get(&format!("{name}.weight"), &[out, inp])?,
+                Some(get(&format!("{name}.bias"), &[out])?),
+            ))
+        };
+        let norm = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(&format!("{name}.weight"), &[d])?,
+                bias: get(&format!("{name}.bias"), &[d])?,
+            })
+        };
+        let e = format!("{prefix}embeddings");
+        let word = get(&format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, d])?;
+        let position = get(
+            &format!("{e}.position_embeddings.weight"),
+            &[cfg.max_position_embeddings, d],
+        )?;
+        let token_type = get(
+            &format!("{e}.token_type_embeddings.weight"),
+            &[cfg.type_vocab_size, d],
+        )?;
+        let embed_norm = norm(&format!("{e}.LayerNorm"))?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("{prefix}encoder.layer.{l}");
+            layers.push(Layer {
+                q: linear(&format!("{p}.attention.self.query"), d, d)?,
+                k: linear(&format!("{p}.attention.self.key"), d, d)?,
+                v: linear(&format!("{p}.attention.self.value"), d, d)?,
+                attn_out: linear(&format!("{p}.attention.output.dense"), d, d)?,
+                attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                up: linear(&format!("{p}.intermediate.dense"), i, d)?,
+                down: linear(&format!("{p}.output.dense"), d, i)?,
+                out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        let head = match (cfg.num_labels, cfg.kind) {
+            (None, _) => None,
+            (Some(n), EncoderKind::Bert) => Some(Head::Pooler {
+                pooler: linear(&format!("{prefix}pooler.dense"), d, d)?,
+                classifier: linear("classifier", n, d)?,
+            }),
+            (Some(n), EncoderKind::Roberta) => Some(Head::Roberta {
+                dense: linear("classifier.dense", d, d)?,
+                out_proj: linear("classifier.out_proj", n, d)?,
+            }),
+        };
+        Ok(Self {
+            cfg,
+            word,
+            position,
+            token_type,
+            embed_norm,
+            layers,
+            head,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EncoderConfig {
+        &self.cfg
+    }
+
+    /// Runs the encoder on `input_ids` `[b, t]` with `attention_mask` (1 = real token; `None`:
+    /// all real) and returns the last hidden states `[b, t, d]`; `hooks` see and may replace the
+    /// states at the sites they list.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&[Vec<u32>]>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let (d, nh) = (self.cfg.hidden_size, self.cfg.num_heads);
+        let hd = d / nh;
+        let eps = self.cfg.layer_norm_eps;
+        let sites = hooks.sites();
+        let ctx = SiteContext { past_len: 0 };
+        let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
+            let site = Site::new(layer, c);
+            if !sites.contains(&site) {
+                return Ok(h);
+            }
+            match hooks.on_site(site, &h, &ctx)? {
+                Some(new) if new.dims() == h.dims() => Ok(new),
+                Some(new) => Err(Error::InvalidArgument(format!(
+                    "hook at layer {layer} {} returned shape {:?}, expected {:?}",
+                    c.name(),
+                    new.dims(),
+                    h.dims()
+                ))),
+                None => Ok(h),
+            }
+        };
+        let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
+        // Positions: BERT counts from 0; RoBERTa from pad + 1 over non-padding tokens.
+        let mut pos = Vec::with_capacity(b * t);
+        for row in ids.chunks(t) {
+            let mut n = 0u32;
+            for &id in row {
+                pos.push(match self.cfg.kind {
+                    EncoderKind::Bert => n,
+                    EncoderKind::Roberta if id == self.cfg.pad_token_id => self.cfg.pad_token_id,
+                    EncoderKind::Roberta => self.cfg.pad_token_id + 1 + n,
+                });
+                n += 1;
+                if self.cfg.kind == EncoderKind::Roberta && id == self.cfg.pad_token_id {
+                    n -= 1;
+                }
+            }
+        }
+        let pos = Tensor::from_vec(pos, b * t, &self.device)?;
+        let flat = input_ids.flatten_all()?;
+        let emb = (self.word.index_select(&flat, 0)? + self.position.index_select(&pos, 0)?)?
+            .broadcast_add(&self.token_type.get(0)?)?;
+        let mut h = self.embed_norm.forward(&emb.reshape((b, t, d))?, eps)?;
+        let mask = match attention_mask {
+            Some(m) => {
+                let data: Vec<f32> = m
+                    .iter()
+                    .flat_map(|row| row.iter().map(|&x| if x == 0 { f32::MIN } else { 0.0 }))
+                    .collect();
+                Some(Tensor::from_vec(data, (b, 1, 1, t), &self.device)?.to_dtype(h.dtype())?)
+            }
+            None => None,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            h = hook(l, Component::BlockInput, h)?;
+            let heads = |x: Tensor| -> Result<Tensor> {
+                Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(layer.q.forward(&h)?)?;
+            let k = heads(layer.k.forward(&h)?)?;
+            let v = heads(layer.v.forward(&h)?)?;
+            let mut scores = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(m) = &mask {
+                scores = scores.broadcast_add(m)?;
+            }
+            let ctxt = softmax_last_dim(&scores)?.matmul(&v)?;
+            let ctxt = ctxt.transpose(1, 2)?.reshape((b, t, d))?;
+            let a = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&ctxt)? + &h)?, eps)?;
+            let a = hook(l, Component::AttentionOutput, a)?;
+            let m = layer.down.forward(&layer.up.forward(&a)?.gelu_erf()?)?;
+            let m = layer.out_norm.forward(&(m + &a)?, eps)?;
+            let m = hook(l, Component::MlpOutput, m)?;
+            h = hook(l, Component::BlockOutput, m)?;
+        }
+        Ok(h)
+    }
+
+    /// The classification head's logits `[b, labels]` from last hidden states `[b, t, d]`
+    /// (it reads the first token).
+    pub fn classify(&self, hidden: &Tensor) -> Result<Tensor> {
+        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        match &self.head {
+            Some(Head::Pooler { pooler, classifier }) => {
+                classifier.forward(&pooler.forward(&first)?.tanh()?)
+            }
+            Some(Head::Roberta { dense, out_proj }) => {
+                out_proj.forward(&dense.forward(&first)?.tanh()?)
+            }
+            None => Err(Error::InvalidArgument(
+                "this encoder checkpoint has no classification head".into(),
+            )),
+        }
+    }
+}
