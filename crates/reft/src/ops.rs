@@ -253,6 +253,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(weight)?)
 }
 
+/// LayerNorm `(x − mean) / sqrt(var + eps) · w + b` over the last dimension, composed of
+/// differentiable ops (candle's fused kernel has no backward).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
 /// Softmax over the last dimension, differentiable when `x` carries a graph.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() && x.is_contiguous() {

@@ -2,10 +2,13 @@
 //! describes the layout). Cases are discovered from `$REFT_FIXTURES/cases/*.json`; none is named
 //! here.
 //!
-//! Decoder cases: logits, loss, and the gradient of every intervention parameter (for `R`, the
-//! gradient w.r.t. the effective `R`) through the library's own interventions and adapter hooks.
+//! Tiny-model cases (Llama, Qwen2, GPT-2 decoders; BERT, RoBERTa classifiers): logits, loss, and
+//! the gradient of every intervention parameter (for `R`, the gradient w.r.t. the effective `R`)
+//! through the library's own interventions and adapter hooks. A case whose architecture has no
+//! model code fails the test.
 //! Real-model cases: SmolLM2's chat logits and greedy continuations, plain and with the case's
-//! intervention saved as an adapter folder and loaded back.
+//! intervention saved as an adapter folder and loaded back; MiniLM's hidden states plain and with
+//! a LoReFT; both models' tokenizer cases.
 
 mod common;
 
@@ -127,9 +130,8 @@ fn intervention_of(
 }
 
 #[test]
-fn tiny_decoder_cases_match_reference() {
+fn tiny_model_cases_match_reference() {
     let mut checked = Vec::new();
-    let mut other_arch = Vec::new();
     let mut kinds = BTreeSet::new();
     for case in cases() {
         let Some(model_name) = case.json["model"].as_str() else {
@@ -146,15 +148,12 @@ fn tiny_decoder_cases_match_reference() {
         match mt.as_str() {
             "llama" | "qwen2" | "mistral" => check_decoder_case(&case, &model_dir),
             "bert" | "roberta" => check_encoder_case(&case, &model_dir),
-            _ => {
-                other_arch.push(format!("{} ({mt})", case.name));
-                continue;
-            }
+            "gpt2" => check_gpt2_case(&case, &model_dir),
+            other => panic!("{}: no model code for `{other}`", case.name),
         }
         checked.push(case.name.clone());
     }
     eprintln!("checked: {checked:?}\nkinds: {kinds:?}");
-    eprintln!("not yet supported (GPT-2: the architectures issue): {other_arch:?}");
     assert!(
         checked.iter().any(|c| c.ends_with("_none")),
         "no plain backbone case was found"
@@ -228,38 +227,7 @@ fn check_decoder_case(case: &Case, model_dir: &Path) {
         );
     }
     let loss = causal_lm_loss(&logits, &labels).unwrap();
-    let ref_loss = case.tensors["loss"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()[0] as f64;
-    let our_loss = loss.to_scalar::<f32>().unwrap() as f64;
-    assert!(
-        (our_loss - ref_loss).abs() < 1e-4,
-        "{}: loss {our_loss} vs {ref_loss}",
-        case.name
-    );
-
-    if !specs.is_empty() {
-        let grads = loss.backward().unwrap();
-        let gtol = case.json["tolerance"]["grad_rel"].as_f64().unwrap();
-        for (i, iv) in specs.iter().enumerate() {
-            let eff = adapter.effective(i).unwrap();
-            for n in iv["params"].as_array().unwrap() {
-                let n = n.as_str().unwrap();
-                let g = grads
-                    .get(&eff[n])
-                    .unwrap_or_else(|| panic!("{}: iv{i}.{n} got no gradient", case.name));
-                let err = rel_err(g, &case.tensors[&format!("grad.iv{i}.{n}")]);
-                assert!(
-                    err <= gtol,
-                    "{}: grad iv{i}.{n} relative error {err} > {gtol}",
-                    case.name
-                );
-            }
-        }
-    }
-    eprintln!("{}: ok", case.name);
+    check_loss_and_grads(case, &adapter, &loss);
 }
 
 /// The adapter of a fixture case, prepared for its explicit per-example positions.
@@ -294,6 +262,80 @@ fn case_adapter(case: &Case, d: usize, b: usize) -> Adapter {
     adapter
 }
 
+/// A GPT-2 causal-LM case: logits, loss and intervention gradients.
+fn check_gpt2_case(case: &Case, model_dir: &Path) {
+    use reft::model::gpt2::{Gpt2, Gpt2Config};
+    let dev = Device::Cpu;
+    let cfg = Gpt2Config::from_hf_json(&model_dir.join("config.json")).unwrap();
+    let src = reft::weights::WeightSource::open_hf_folder(model_dir).unwrap();
+    let model = Gpt2::load(&src, cfg, &dev, DType::F32).unwrap();
+    let ids = matrix_u32(&case.json["input_ids"]);
+    let mask = matrix_u32(&case.json["attention_mask"]);
+    let labels = matrix_i64(&case.json["labels"]);
+    let (b, t) = (ids.len(), ids[0].len());
+    let ids_t = Tensor::from_vec(ids.concat(), (b, t), &dev).unwrap();
+    let mut adapter = case_adapter(case, model.config().hidden_size, b);
+    let hidden = model.forward(&ids_t, Some(&mask), &mut adapter).unwrap();
+    let logits = model.lm_head(&hidden).unwrap();
+    let tol = case.json["tolerance"]["logits_max_abs"].as_f64().unwrap();
+    for (bi, row) in mask.iter().enumerate() {
+        let n = row.iter().filter(|&&m| m == 1).count();
+        let err = max_abs_diff(
+            &logits.get(bi).unwrap().narrow(0, 0, n).unwrap(),
+            &case.tensors["logits"]
+                .get(bi)
+                .unwrap()
+                .narrow(0, 0, n)
+                .unwrap(),
+        );
+        assert!(
+            err <= tol,
+            "{}: logits of example {bi} differ by {err}",
+            case.name
+        );
+    }
+    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    check_loss_and_grads(case, &adapter, &loss);
+}
+
+/// The case's loss, and (with interventions) every parameter's gradient, against the reference.
+fn check_loss_and_grads(case: &Case, adapter: &Adapter, loss: &Tensor) {
+    let ref_loss = case.tensors["loss"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
+    let our_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (our_loss - ref_loss).abs() < 1e-4,
+        "{}: loss {our_loss} vs {ref_loss}",
+        case.name
+    );
+    let specs = case.json["interventions"].as_array().unwrap();
+    if specs.is_empty() {
+        eprintln!("{}: ok", case.name);
+        return;
+    }
+    let grads = loss.backward().unwrap();
+    let gtol = case.json["tolerance"]["grad_rel"].as_f64().unwrap();
+    for (i, iv) in specs.iter().enumerate() {
+        let eff = adapter.effective(i).unwrap();
+        for n in iv["params"].as_array().unwrap() {
+            let n = n.as_str().unwrap();
+            let g = grads
+                .get(&eff[n])
+                .unwrap_or_else(|| panic!("{}: iv{i}.{n} got no gradient", case.name));
+            let err = rel_err(g, &case.tensors[&format!("grad.iv{i}.{n}")]);
+            assert!(
+                err <= gtol,
+                "{}: grad iv{i}.{n} relative error {err} > {gtol}",
+                case.name
+            );
+        }
+    }
+    eprintln!("{}: ok", case.name);
+}
+
 /// A BERT/RoBERTa classification case: the head's logits, the cross-entropy loss and the
 /// gradient of every intervention parameter.
 fn check_encoder_case(case: &Case, model_dir: &Path) {
@@ -323,40 +365,7 @@ fn check_encoder_case(case: &Case, model_dir: &Path) {
         .gather(&Tensor::from_vec(labels, (b, 1), &dev).unwrap(), 1)
         .unwrap();
     let loss = (picked.mean_all().unwrap().neg()).unwrap();
-    let ref_loss = case.tensors["loss"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()[0] as f64;
-    let our_loss = loss.to_scalar::<f32>().unwrap() as f64;
-    assert!(
-        (our_loss - ref_loss).abs() < 1e-4,
-        "{}: loss {our_loss} vs {ref_loss}",
-        case.name
-    );
-    let grads = loss.backward().unwrap();
-    let gtol = case.json["tolerance"]["grad_rel"].as_f64().unwrap();
-    for (i, iv) in case.json["interventions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        let eff = adapter.effective(i).unwrap();
-        for n in iv["params"].as_array().unwrap() {
-            let n = n.as_str().unwrap();
-            let g = grads
-                .get(&eff[n])
-                .unwrap_or_else(|| panic!("{}: iv{i}.{n} got no gradient", case.name));
-            let err = rel_err(g, &case.tensors[&format!("grad.iv{i}.{n}")]);
-            assert!(
-                err <= gtol,
-                "{}: grad iv{i}.{n} relative error {err} > {gtol}",
-                case.name
-            );
-        }
-    }
-    eprintln!("{}: ok", case.name);
+    check_loss_and_grads(case, &adapter, &loss);
 }
 
 /// `minilm_loreft_cls`: all-MiniLM-L6-v2 (fetched with pip), last hidden states of the case's

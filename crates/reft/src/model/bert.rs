@@ -8,11 +8,11 @@
 //! LayerNorm (the same tensor as `block_output`, which hooks see next). Every op is composed of
 //! differentiable candle ops, so gradients reach interventions at any layer.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{Component, Hooks, Site, SiteContext};
-use crate::ops::{softmax_last_dim, FrozenLinear};
+use crate::ops::{layer_norm, softmax_last_dim, FrozenLinear};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
 
@@ -105,20 +105,14 @@ impl EncoderConfig {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+    pub(crate) fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, eps)
     }
 }
 

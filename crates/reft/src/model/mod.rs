@@ -11,6 +11,7 @@ pub mod bert;
 pub mod config;
 mod cpu_math;
 mod fused;
+pub mod gpt2;
 mod head_loss;
 pub mod kv_cache;
 pub mod llama;
