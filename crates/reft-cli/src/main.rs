@@ -24,6 +24,8 @@ enum Command {
     Quickstart(commands::quickstart::Args),
     /// Train an adapter from a data file.
     Train(Box<commands::train::Args>),
+    /// Score a model (and adapters) on labelled data; prints one JSON line of metrics.
+    Eval(commands::eval::Args),
     /// Generate text from a prompt (greedy unless --temperature is given).
     Generate(commands::generate::Args),
     /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends).
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Train(a) => commands::train::run(*a),
+        Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Tokenize(a) => commands::tokenize::run(a),

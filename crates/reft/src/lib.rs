@@ -14,6 +14,7 @@
 pub mod adapter;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod intervention;

@@ -78,22 +78,31 @@ pub struct Record {
 /// `.arrow` file. A bad line is reported with its number, a bad Arrow row as `row N` (1-based,
 /// counted across the folder's files).
 pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
+    // Only the columns `record_of` reads: other Arrow columns (long passages, images, types JSON
+    // cannot hold) are never converted.
+    let columns = [
+        fields.prompt.as_str(),
+        &fields.response,
+        &fields.input,
+        &fields.messages,
+    ];
+    let (rows, unit) = read_rows(path, &columns)?;
+    records_of(path, unit, rows.into_iter(), fields)
+}
+
+/// The rows of a data file (JSONL, JSON array, CSV, TSV) or of a Hugging Face `datasets` folder
+/// or `.arrow` file, as JSON objects numbered from 1, and what the numbers count (`"line"` for
+/// text files, `"row"` for Arrow). For Arrow input only `columns` are converted.
+pub fn read_rows(path: &Path, columns: &[&str]) -> Result<(Vec<(usize, Value)>, &'static str)> {
     if let Some(files) = arrow::arrow_files(path)? {
-        // Only the columns `record_of` reads: other columns (long passages, images, types JSON
-        // cannot hold) are never converted.
-        let columns = [
-            fields.prompt.as_str(),
-            &fields.response,
-            &fields.input,
-            &fields.messages,
-        ];
-        let rows = arrow::read_rows(&files, &columns)?;
-        return records_of(
-            path,
+        let rows = arrow::read_rows(&files, columns)?;
+        return Ok((
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, v)| (i + 1, v))
+                .collect(),
             "row",
-            rows.into_iter().enumerate().map(|(i, v)| (i + 1, v)),
-            fields,
-        );
+        ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let bad = |line: usize, msg: String| Error::BadConfig {
@@ -124,7 +133,7 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
             })
             .collect::<Result<_>>()?,
     };
-    records_of(path, "line", rows.into_iter(), fields)
+    Ok((rows, "line"))
 }
 
 /// Records from numbered rows; a bad one is reported as `{unit} {number}`.

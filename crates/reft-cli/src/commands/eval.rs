@@ -1,0 +1,82 @@
+//! `reft eval`: score a model, with or without adapters, on labelled data; one JSON line of
+//! metrics on stdout.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use reft::eval::{evaluate_choice, read_choice_items, ChoiceFields, ChoiceFormat};
+
+use super::{AdapterArgs, ModelArgs};
+
+/// Arguments of `reft eval`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    /// Labelled data: JSONL, JSON, CSV/TSV, or a Hugging Face `datasets` folder / `.arrow` file.
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// What to score: `choice` (multiple choice by length-normalised log-likelihood).
+    #[arg(long, default_value = "choice")]
+    task: String,
+    /// How questions are shown: `raw` (`Question: …\nAnswer:`) or `chat` (the chat template).
+    #[arg(long, default_value = "raw")]
+    template: String,
+    /// Question field.
+    #[arg(long, default_value = "question")]
+    question_field: String,
+    /// Options field: a list of strings, or `{"text": [...], "label": [...]}`.
+    #[arg(long, default_value = "choices")]
+    choices_field: String,
+    /// Answer field: an index or an option label (`answerKey` is used when absent).
+    #[arg(long, default_value = "answer")]
+    answer_field: String,
+    /// Skip this many items first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Score at most this many items.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.task != "choice" {
+        bail!("unknown --task `{}` (choice)", a.task);
+    }
+    let format = match a.template.as_str() {
+        "raw" => ChoiceFormat::Raw,
+        "chat" => ChoiceFormat::Chat,
+        other => bail!("unknown --template `{other}` (raw, chat)"),
+    };
+    let fields = ChoiceFields {
+        question: a.question_field.clone(),
+        choices: a.choices_field.clone(),
+        answer: a.answer_field.clone(),
+    };
+    let items = read_choice_items(&a.data, &fields)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let items: Vec<_> = items
+        .into_iter()
+        .skip(a.offset)
+        .take(a.limit.unwrap_or(usize::MAX))
+        .collect();
+    if items.is_empty() {
+        bail!("no items left after --offset/--limit");
+    }
+    let lm = a.model.load()?;
+    let mut adapters = a.adapters.load(&lm)?;
+    let bar = ProgressBar::new(items.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} items [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let report = evaluate_choice(&lm, &items, format, &mut adapters, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let mut line = serde_json::to_value(&report)?;
+    line["task"] = "choice".into();
+    println!("{line}");
+    Ok(())
+}

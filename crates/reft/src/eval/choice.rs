@@ -1,0 +1,274 @@
+//! Multiple-choice evaluation: each option is scored by the log-likelihood the model (with or
+//! without an adapter) gives its text after the question, and the best option counts as the
+//! answer. As lm-evaluation-harness does, `accuracy` normalises each option's log-likelihood by
+//! the option's length in bytes (its `acc_norm`); `accuracy_unnormalized` uses the plain sum.
+//!
+//! The question runs once; the options then run as one batch that attends to the question's
+//! cached keys and values, so a 4-option item costs about one question plus four short options.
+
+use std::path::Path;
+
+use candle_core::{Tensor, D};
+use serde_json::Value;
+
+use crate::data::read_rows;
+use crate::load::LanguageModel;
+use crate::model::llama::ForwardInput;
+use crate::model::{Hooks, KvCache, PromptLayout};
+use crate::template::Message;
+use crate::{Error, Result};
+
+/// One multiple-choice item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceItem {
+    /// The question.
+    pub question: String,
+    /// The options' texts.
+    pub choices: Vec<String>,
+    /// Index of the correct option.
+    pub answer: usize,
+}
+
+/// Field names of multiple-choice records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceFields {
+    /// Question field.
+    pub question: String,
+    /// Options: a list of strings, or `{"text": [...], "label": [...]}` (ARC, OpenBookQA).
+    pub choices: String,
+    /// Answer: an index, or a label of the options (`"B"`); `answerKey` is used when this field
+    /// is absent.
+    pub answer: String,
+}
+
+impl Default for ChoiceFields {
+    fn default() -> Self {
+        Self {
+            question: "question".into(),
+            choices: "choices".into(),
+            answer: "answer".into(),
+        }
+    }
+}
+
+/// How the question is shown to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChoiceFormat {
+    /// `Question: {q}\nAnswer:` followed by ` {option}` (lm-evaluation-harness's ARC format).
+    Raw,
+    /// The model's chat template with the question as the user turn; the option is the reply.
+    Chat,
+}
+
+/// Reads multiple-choice items from any data file `read_rows` reads.
+pub fn read_choice_items(path: &Path, fields: &ChoiceFields) -> Result<Vec<ChoiceItem>> {
+    let columns = [
+        fields.question.as_str(),
+        &fields.choices,
+        &fields.answer,
+        "answerKey",
+    ];
+    let (rows, unit) = read_rows(path, &columns)?;
+    let mut items = Vec::with_capacity(rows.len());
+    for (n, row) in rows {
+        let item = item_of(&row, fields).map_err(|msg| Error::BadConfig {
+            path: path.to_path_buf(),
+            msg: format!("{unit} {n}: {msg}"),
+        })?;
+        items.push(item);
+    }
+    if items.is_empty() {
+        return Err(Error::BadConfig {
+            path: path.to_path_buf(),
+            msg: "no items".into(),
+        });
+    }
+    Ok(items)
+}
+
+fn item_of(row: &Value, f: &ChoiceFields) -> std::result::Result<ChoiceItem, String> {
+    let question = row[&f.question]
+        .as_str()
+        .ok_or_else(|| format!("no text field `{}`", f.question))?
+        .to_string();
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect()
+    };
+    let (choices, labels) = match &row[&f.choices] {
+        v @ Value::Array(_) => (strings(v), None),
+        Value::Object(o) => (
+            o.get("text").and_then(strings),
+            o.get("label").and_then(strings),
+        ),
+        _ => (None, None),
+    };
+    let choices = choices
+        .filter(|c| c.len() >= 2)
+        .ok_or_else(|| format!("`{}` is not a list of at least two options", f.choices))?;
+    let answer = match row.get(&f.answer).or_else(|| row.get("answerKey")) {
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as usize),
+        Some(Value::String(s)) => labels
+            .as_ref()
+            .and_then(|l| l.iter().position(|x| x == s))
+            .or_else(|| s.parse().ok()),
+        _ => None,
+    }
+    .filter(|&a| a < choices.len())
+    .ok_or_else(|| format!("no valid answer in `{}`", f.answer))?;
+    Ok(ChoiceItem {
+        question,
+        choices,
+        answer,
+    })
+}
+
+/// The outcome of a multiple-choice evaluation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChoiceReport {
+    /// Items scored.
+    pub n: usize,
+    /// Accuracy with byte-length-normalised log-likelihoods.
+    pub accuracy: f64,
+    /// Accuracy with summed log-likelihoods.
+    pub accuracy_unnormalized: f64,
+}
+
+/// Summed log-likelihood of each option of `item` (in order).
+pub fn option_log_likelihoods(
+    lm: &LanguageModel,
+    item: &ChoiceItem,
+    format: ChoiceFormat,
+    hooks: &mut dyn Hooks,
+) -> Result<Vec<f64>> {
+    let dec = &lm.decoder;
+    let dev = dec.device();
+    let (prompt, sep) = match format {
+        ChoiceFormat::Raw => (format!("Question: {}\nAnswer:", item.question), " "),
+        ChoiceFormat::Chat => (
+            lm.chat_template
+                .render(&[Message::new("user", item.question.clone())], true)?,
+            "",
+        ),
+    };
+    let prompt_ids = match format {
+        ChoiceFormat::Raw => lm.tokenizer.encode_with_special_tokens(&prompt)?,
+        ChoiceFormat::Chat => lm.tokenizer.encode(&prompt)?,
+    };
+    let options: Vec<Vec<u32>> = item
+        .choices
+        .iter()
+        .map(|c| lm.tokenizer.encode(&format!("{sep}{c}")))
+        .collect::<Result<_>>()?;
+    let p = prompt_ids.len();
+    if p == 0 || options.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidArgument(
+            "an empty question or option after tokenisation".into(),
+        ));
+    }
+    // The question, once.
+    hooks.prepare(&PromptLayout::unpadded(vec![p]))?;
+    let mut cache = KvCache::new(dec.config().num_layers);
+    let ids = Tensor::new(prompt_ids.as_slice(), dev)?.unsqueeze(0)?;
+    let h = dec.forward(&ForwardInput::new(&ids), hooks, Some(&mut cache))?;
+    let first = candle_nn::ops::log_softmax(
+        &dec.lm_head(&h.narrow(1, p - 1, 1)?.squeeze(1)?)?,
+        D::Minus1,
+    )?
+    .squeeze(0)?
+    .to_vec1::<f32>()?;
+    let mut scores: Vec<f64> = options
+        .iter()
+        .map(|o| first[o[0] as usize] as f64)
+        .collect();
+    // The rest of every option, as one right-padded batch over the cached question.
+    let rest: Vec<usize> = (0..options.len())
+        .filter(|&i| options[i].len() > 1)
+        .collect();
+    if rest.is_empty() {
+        return Ok(scores);
+    }
+    let b = rest.len();
+    let t = rest
+        .iter()
+        .map(|&i| options[i].len() - 1)
+        .max()
+        .unwrap_or(1);
+    let mut flat = Vec::with_capacity(b * t);
+    let mut mask = Vec::with_capacity(b);
+    for &i in &rest {
+        let o = &options[i][..options[i].len() - 1];
+        flat.extend(o.iter().copied().chain(std::iter::repeat(0)).take(t));
+        mask.push(
+            (0..p + t)
+                .map(|j| u32::from(j < p + o.len()))
+                .collect::<Vec<u32>>(),
+        );
+    }
+    let layers = (0..cache.num_layers())
+        .map(|l| {
+            cache
+                .layer(l)
+                .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                    Ok((k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?))
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut batch_cache = KvCache::from_layers(layers).read_only();
+    hooks.prepare(&PromptLayout::unpadded(vec![p; b]))?;
+    let input_ids = Tensor::from_vec(flat, (b, t), dev)?;
+    let input = ForwardInput {
+        input_ids: &input_ids,
+        attention_mask: Some(&mask),
+        position_ids: None,
+        start: None,
+    };
+    let h = dec.forward(&input, hooks, Some(&mut batch_cache))?;
+    for (row, &i) in rest.iter().enumerate() {
+        let o = &options[i];
+        let n = o.len() - 1;
+        let logp =
+            candle_nn::ops::log_softmax(&dec.lm_head(&h.get(row)?.narrow(0, 0, n)?)?, D::Minus1)?;
+        let targets = Tensor::new(&o[1..], dev)?.unsqueeze(1)?;
+        let lp: Vec<f32> = logp.gather(&targets, 1)?.flatten_all()?.to_vec1()?;
+        scores[i] += lp.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    Ok(scores)
+}
+
+/// Scores every item; `progress(done, total)` is called after each.
+pub fn evaluate_choice(
+    lm: &LanguageModel,
+    items: &[ChoiceItem],
+    format: ChoiceFormat,
+    hooks: &mut dyn Hooks,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ChoiceReport> {
+    let (mut norm, mut raw) = (0usize, 0usize);
+    let argmax = |v: &[f64]| -> usize {
+        (0..v.len())
+            .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+            .unwrap_or(0)
+    };
+    for (k, item) in items.iter().enumerate() {
+        let ll = option_log_likelihoods(lm, item, format, hooks)?;
+        let sep = if format == ChoiceFormat::Raw { 1 } else { 0 };
+        let per_byte: Vec<f64> = ll
+            .iter()
+            .zip(&item.choices)
+            .map(|(l, c)| l / (c.len() + sep).max(1) as f64)
+            .collect();
+        norm += usize::from(argmax(&per_byte) == item.answer);
+        raw += usize::from(argmax(&ll) == item.answer);
+        progress(k + 1, items.len());
+    }
+    let n = items.len();
+    Ok(ChoiceReport {
+        n,
+        accuracy: norm as f64 / n.max(1) as f64,
+        accuracy_unnormalized: raw as f64 / n.max(1) as f64,
+    })
+}
