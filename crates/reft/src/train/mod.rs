@@ -6,6 +6,7 @@
 //! at all layers — is computed once, kept (hidden states at the start layer, keys/values of the
 //! prefix), and each step recomputes only the edited position onwards from the start layer.
 
+pub mod classify;
 pub mod optim;
 mod prefix;
 

@@ -1,0 +1,253 @@
+//! Sequence classification with a frozen encoder (SPEC §5): interventions and a small head are
+//! trained together on cross-entropy. The head here is a linear layer on the mean of the last
+//! hidden states over real tokens (`HeadKind::Mean`); with no interventions it is exactly a
+//! (softmax) logistic-regression probe on frozen mean-pooled embeddings, the baseline ReFT
+//! classification is compared with.
+
+use candle_core::{DType, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::adapter::Adapter;
+use crate::model::bert::Encoder;
+use crate::model::{NoHooks, PromptLayout};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// Classification training settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// AdamW settings (learning rate of both the interventions and the head).
+    pub optim: AdamWConfig,
+    /// Global-norm clipping (0 = off).
+    pub max_grad_norm: f64,
+    /// Seed of the head's initialisation and of the data order.
+    pub seed: u64,
+    /// Longest input in tokens (longer ones are cut, keeping `[SEP]` last).
+    pub max_length: usize,
+}
+
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            batch_size: 32,
+            optim: AdamWConfig {
+                lr: 1e-2,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_length: 128,
+        }
+    }
+}
+
+/// A linear head on mean-pooled states: `logits = W · mean(h) + b`.
+pub struct MeanHead {
+    /// `[labels, d]`.
+    pub weight: Var,
+    /// `[labels]`.
+    pub bias: Var,
+}
+
+impl MeanHead {
+    /// PyTorch `nn.Linear` initialisation (uniform in ±1/√d), seeded.
+    pub fn init(d: usize, labels: usize, seed: u64, device: &candle_core::Device) -> Result<Self> {
+        use rand::Rng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let bound = 1.0 / (d as f32).sqrt();
+        let w: Vec<f32> = (0..labels * d)
+            .map(|_| rng.gen_range(-bound..bound))
+            .collect();
+        let b: Vec<f32> = (0..labels).map(|_| rng.gen_range(-bound..bound)).collect();
+        Ok(Self {
+            weight: Var::from_tensor(&Tensor::from_vec(w, (labels, d), device)?)?,
+            bias: Var::from_tensor(&Tensor::from_vec(b, labels, device)?)?,
+        })
+    }
+
+    /// Logits `[b, labels]` from hidden states `[b, t, d]` and the real-token mask.
+    pub fn forward(&self, hidden: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, t, _) = hidden.dims3()?;
+        let m: Vec<f32> = mask
+            .iter()
+            .flat_map(|row| {
+                let n = row.iter().filter(|&&x| x != 0).count().max(1) as f32;
+                row.iter().map(move |&x| if x != 0 { 1.0 / n } else { 0.0 })
+            })
+            .collect();
+        let m = Tensor::from_vec(m, (b, t, 1), hidden.device())?.to_dtype(hidden.dtype())?;
+        let pooled = hidden.broadcast_mul(&m)?.sum(1)?;
+        Ok(pooled
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+/// Tokenised, padded batch: ids `[b, t]` and mask rows.
+fn batch(
+    tok: &Tokenizer,
+    texts: &[&str],
+    max_length: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Vec<Vec<u32>>, Vec<usize>)> {
+    let mut ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tok.encode_with_special_tokens(t))
+        .collect::<Result<_>>()?;
+    for v in &mut ids {
+        if v.len() > max_length {
+            let last = *v.last().expect("non-empty");
+            v.truncate(max_length);
+            *v.last_mut().expect("non-empty") = last;
+        }
+    }
+    let t = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mask = lens
+        .iter()
+        .map(|&n| (0..t).map(|j| u32::from(j < n)).collect())
+        .collect();
+    let flat: Vec<u32> = ids
+        .into_iter()
+        .flat_map(|v| v.into_iter().chain(std::iter::repeat(0)).take(t))
+        .collect();
+    Ok((
+        Tensor::from_vec(flat, (texts.len(), t), device)?,
+        mask,
+        lens,
+    ))
+}
+
+/// Logits of `texts` through the encoder (with `adapter`'s edits, if any) and `head`.
+pub fn classify_logits(
+    encoder: &Encoder,
+    tok: &Tokenizer,
+    adapter: Option<&mut Adapter>,
+    head: &MeanHead,
+    texts: &[&str],
+    max_length: usize,
+) -> Result<Tensor> {
+    let dev = head.weight.device().clone();
+    let (ids, mask, lens) = batch(tok, texts, max_length, &dev)?;
+    let hidden = match adapter {
+        Some(a) => {
+            // Positions count over the whole input (`f1` is `[CLS]`).
+            crate::model::Hooks::prepare(a, &PromptLayout::unpadded(lens))?;
+            encoder.forward(&ids, Some(&mask), a)?
+        }
+        None => encoder.forward(&ids, Some(&mask), &mut NoHooks)?,
+    };
+    head.forward(&hidden, &mask)
+}
+
+/// Predicted labels of `texts`, in batches.
+pub fn predict(
+    encoder: &Encoder,
+    tok: &Tokenizer,
+    mut adapter: Option<&mut Adapter>,
+    head: &MeanHead,
+    texts: &[&str],
+    cfg: &ClassifyConfig,
+) -> Result<Vec<usize>> {
+    if let Some(a) = adapter.as_deref_mut() {
+        a.set_training(false);
+    }
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(cfg.batch_size.max(1)) {
+        let logits = classify_logits(
+            encoder,
+            tok,
+            adapter.as_deref_mut(),
+            head,
+            chunk,
+            cfg.max_length,
+        )?;
+        let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        out.extend(am.into_iter().map(|x| x as usize));
+    }
+    Ok(out)
+}
+
+/// Trains `head` (and `adapter`, when given) on `(texts, labels)`; returns each step's loss.
+pub fn train_classifier(
+    encoder: &Encoder,
+    tok: &Tokenizer,
+    mut adapter: Option<&mut Adapter>,
+    head: &MeanHead,
+    texts: &[&str],
+    labels: &[usize],
+    cfg: &ClassifyConfig,
+) -> Result<Vec<f64>> {
+    if texts.is_empty() || texts.len() != labels.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} texts and {} labels: need the same number, at least one",
+            texts.len(),
+            labels.len()
+        )));
+    }
+    let num_labels = head.weight.as_tensor().dim(0)?;
+    if let Some(&bad) = labels.iter().find(|&&l| l >= num_labels) {
+        return Err(Error::InvalidArgument(format!(
+            "label {bad} but the head has {num_labels} classes"
+        )));
+    }
+    let mut vars = vec![
+        ("head.weight".to_string(), head.weight.clone()),
+        ("head.bias".to_string(), head.bias.clone()),
+    ];
+    if let Some(a) = adapter.as_deref_mut() {
+        a.set_training(true);
+        vars.extend(a.vars());
+    }
+    let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    let steps_per_epoch = texts.len().div_ceil(cfg.batch_size.max(1));
+    let total = steps_per_epoch * cfg.epochs;
+    let mut losses = Vec::with_capacity(total);
+    let dev = head.weight.device().clone();
+    for _ in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(cfg.batch_size.max(1)) {
+            let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let targets: Vec<u32> = chunk.iter().map(|&i| labels[i] as u32).collect();
+            let logits = classify_logits(
+                encoder,
+                tok,
+                adapter.as_deref_mut(),
+                head,
+                &batch_texts,
+                cfg.max_length,
+            )?
+            .to_dtype(DType::F32)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let t = Tensor::from_vec(targets, (chunk.len(), 1), &dev)?;
+            let loss = logp.gather(&t, 1)?.mean_all()?.neg()?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "the loss became {value} at step {}",
+                    losses.len() + 1
+                )));
+            }
+            let mut grads = match adapter.as_deref() {
+                Some(a) => a.backward(&loss)?,
+                None => loss.backward()?,
+            };
+            clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)?;
+            // Linear decay to zero, as the causal trainer's default.
+            let lr = cfg.optim.lr * (1.0 - losses.len() as f64 / total as f64);
+            opt.step(&grads, lr)?;
+            losses.push(value);
+        }
+    }
+    Ok(losses)
+}

