@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{Component, Hooks, Site, SiteContext};
+use super::{run_hook, Component, Hooks, Site, SiteContext};
 use crate::ops::{layer_norm, softmax_last_dim, FrozenLinear};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
@@ -262,20 +262,7 @@ impl Encoder {
         let sites = hooks.sites();
         let ctx = SiteContext { past_len: 0 };
         let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
-            let site = Site::new(layer, c);
-            if !sites.contains(&site) {
-                return Ok(h);
-            }
-            match hooks.on_site(site, &h, &ctx)? {
-                Some(new) if new.dims() == h.dims() => Ok(new),
-                Some(new) => Err(Error::InvalidArgument(format!(
-                    "hook at layer {layer} {} returned shape {:?}, expected {:?}",
-                    c.name(),
-                    new.dims(),
-                    h.dims()
-                ))),
-                None => Ok(h),
-            }
+            run_hook(hooks, &sites, &ctx, Site::new(layer, c), h)
         };
         let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
         // Positions: BERT counts from 0; RoBERTa from pad + 1 over non-padding tokens.

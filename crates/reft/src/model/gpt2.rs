@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::{Component, Hooks, Site, SiteContext};
+use super::{run_hook, Component, Hooks, Site, SiteContext};
 use crate::ops::{layer_norm, softmax_last_dim, FrozenLinear};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
@@ -190,20 +190,7 @@ impl Gpt2 {
         let sites = hooks.sites();
         let ctx = SiteContext { past_len: 0 };
         let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
-            let site = Site::new(layer, c);
-            if !sites.contains(&site) {
-                return Ok(h);
-            }
-            match hooks.on_site(site, &h, &ctx)? {
-                Some(new) if new.dims() == h.dims() => Ok(new),
-                Some(new) => Err(Error::InvalidArgument(format!(
-                    "hook at layer {layer} {} returned shape {:?}, expected {:?}",
-                    c.name(),
-                    new.dims(),
-                    h.dims()
-                ))),
-                None => Ok(h),
-            }
+            run_hook(hooks, &sites, &ctx, Site::new(layer, c), h)
         };
         let pos = Tensor::arange(0u32, t as u32, &self.device)?;
         let mut h = self

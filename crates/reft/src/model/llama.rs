@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::config::DecoderConfig;
 use super::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
-use super::{Component, Hooks, KvCache, Site, SiteContext};
+use super::{run_hook, Component, Hooks, KvCache, Site, SiteContext};
 use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
@@ -254,20 +254,7 @@ impl Decoder {
             }
         };
         let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
-            let site = Site::new(layer, c);
-            if !sites.contains(&site) {
-                return Ok(h);
-            }
-            match hooks.on_site(site, &h, &ctx)? {
-                None => Ok(h),
-                Some(new) if new.dims() == h.dims() => Ok(new),
-                Some(new) => Err(Error::InvalidArgument(format!(
-                    "hook at layer {layer} {} returned shape {:?}, expected {:?}",
-                    c.name(),
-                    new.dims(),
-                    h.dims()
-                ))),
-            }
+            run_hook(hooks, &sites, &ctx, Site::new(layer, c), h)
         };
         if first_layer > 0 {
             h = hook(first_layer - 1, Component::BlockOutput, h)?;

@@ -120,6 +120,31 @@ impl PromptLayout {
     }
 }
 
+/// Hands `h` to `hooks` at `site` when they asked for it (`sites`) and returns what flows on
+/// downstream: `h` itself, or the hooks' replacement after checking its shape.
+pub(crate) fn run_hook(
+    hooks: &mut dyn Hooks,
+    sites: &[Site],
+    ctx: &SiteContext,
+    site: Site,
+    h: Tensor,
+) -> Result<Tensor> {
+    if !sites.contains(&site) {
+        return Ok(h);
+    }
+    match hooks.on_site(site, &h, ctx)? {
+        None => Ok(h),
+        Some(new) if new.dims() == h.dims() => Ok(new),
+        Some(new) => Err(crate::Error::InvalidArgument(format!(
+            "hook at layer {} {} returned shape {:?}, expected {:?}",
+            site.layer,
+            site.component.name(),
+            new.dims(),
+            h.dims()
+        ))),
+    }
+}
+
 /// Receives hidden states at the sites it asks for, and may edit them.
 pub trait Hooks {
     /// The sites this hook wants to see. Sites not listed cost nothing.
