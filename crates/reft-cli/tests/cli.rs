@@ -342,3 +342,86 @@ fn quickstart_trains_saves_and_compares_answers() {
     assert!(out.join("adapter.safetensors").exists());
     assert!(out.join("loss.png").exists());
 }
+
+/// `reft train --task classify` on all-MiniLM-L6-v2 saves an adapter with its head, and
+/// `reft eval --task classify` scores them; a record without a class id is named by line.
+#[test]
+fn classify_train_then_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sentiment.jsonl");
+    let mut lines = String::new();
+    for thing in [
+        "film", "meal", "song", "book", "trip", "game", "show", "hotel",
+    ] {
+        for (text, label) in [
+            (format!("I loved this {thing}, it was wonderful."), 1),
+            (format!("What a great {thing}, truly delightful!"), 1),
+            (format!("I hated this {thing}, it was awful."), 0),
+            (format!("What a terrible {thing}, truly dreadful!"), 0),
+        ] {
+            lines.push_str(&serde_json::json!({"sentence": text, "label": label}).to_string());
+            lines.push('\n');
+        }
+    }
+    std::fs::write(&data, &lines).unwrap();
+    let out = tmp.path().join("cls");
+    let o = reft(&[
+        "train",
+        "--task",
+        "classify",
+        "--data",
+        data.to_str().unwrap(),
+        "--layers",
+        "2;4",
+        "--rank",
+        "4",
+        "--positions",
+        "f1+l1",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("classifier_head.safetensors").exists());
+    assert!(out.join("reft_config.json").exists());
+    let e = reft(&[
+        "eval",
+        "--task",
+        "classify",
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(line["n"], 32);
+    let acc = line["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.9, "{line}");
+    assert!(line["mcc"].as_f64().unwrap() > 0.7, "{line}");
+
+    std::fs::write(
+        &data,
+        "{\"sentence\": \"fine\", \"label\": 1}\n{\"sentence\": \"meh\"}\n",
+    )
+    .unwrap();
+    let bad = reft(&[
+        "train",
+        "--task",
+        "classify",
+        "--data",
+        data.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("line 2") && err.contains("label"), "{err}");
+}

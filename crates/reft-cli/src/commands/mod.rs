@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod chat;
+pub mod classify;
 pub mod eval;
 pub mod generate;
 pub mod plot;

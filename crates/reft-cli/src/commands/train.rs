@@ -107,6 +107,20 @@ pub struct Args {
     /// Output folder: adapter, metrics.jsonl, loss.png, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// `causal` (the default: prompt → response on a causal LM) or `classify` (a BERT-family
+    /// encoder, `--model` a folder or `all-minilm-l6-v2`, with a mean-pooling head trained with
+    /// the interventions; saved beside them).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Classification: the text field.
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// Classification: the label field (integer class ids).
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// Classification: number of classes.
+    #[arg(long)]
+    pub num_labels: Option<usize>,
     /// Read the fields above from a TOML file (flags given on the command line win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -142,6 +156,10 @@ struct FileArgs {
     seed: Option<u64>,
     save_every: Option<usize>,
     out: Option<PathBuf>,
+    task: Option<String>,
+    text_field: Option<String>,
+    label_field: Option<String>,
+    num_labels: Option<usize>,
 }
 
 impl Args {
@@ -179,7 +197,11 @@ impl Args {
             max_length,
             seed,
             save_every,
-            out
+            out,
+            task,
+            text_field,
+            label_field,
+            num_labels
         );
         if self.layers.is_none() {
             self.layers = f.layers.map(|v| match v {
@@ -268,6 +290,11 @@ fn plan(a: &Args) -> Result<Plan> {
 pub fn run(mut a: Args) -> Result<()> {
     a.merge_file()?;
     let p = plan(&a)?;
+    match a.task.as_deref().unwrap_or("causal") {
+        "causal" => {}
+        "classify" => return super::classify::train(&a, p),
+        other => bail!("unknown --task `{other}` (causal, classify)"),
+    }
     let data = a.data.clone().context("--data FILE is required")?;
     let lm = a.model.load()?;
     let fields = Fields {

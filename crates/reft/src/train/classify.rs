@@ -73,6 +73,47 @@ impl MeanHead {
         })
     }
 
+    /// File name of a saved head, beside the adapter's files.
+    pub const FILE: &'static str = "classifier_head.safetensors";
+
+    /// Writes `weight` and `bias` to `dir/classifier_head.safetensors`.
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let path = dir.join(Self::FILE);
+        let tensors = [
+            ("weight", self.weight.as_tensor().clone()),
+            ("bias", self.bias.as_tensor().clone()),
+        ];
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), None)
+            .map_err(|e| Error::InvalidArgument(format!("serialising the head: {e}")))?;
+        crate::adapter::native::write_atomic(&path, &bytes)
+    }
+
+    /// Reads a head saved by [`save`](Self::save) for hidden size `d`.
+    pub fn load(dir: &std::path::Path, d: usize, device: &candle_core::Device) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        let bad = |msg: String| Error::BadWeights {
+            path: path.clone(),
+            msg,
+        };
+        let t = candle_core::safetensors::load(&path, device).map_err(|e| bad(e.to_string()))?;
+        let (w, b) = match (t.get("weight"), t.get("bias")) {
+            (Some(w), Some(b)) => (w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
+            _ => return Err(bad("needs `weight` and `bias`".into())),
+        };
+        let (labels, wd) = w.dims2().map_err(|e| bad(e.to_string()))?;
+        if wd != d || b.dims() != [labels] {
+            return Err(bad(format!(
+                "head shapes {:?} and {:?} do not fit hidden size {d}",
+                w.dims(),
+                b.dims()
+            )));
+        }
+        Ok(Self {
+            weight: Var::from_tensor(&w)?,
+            bias: Var::from_tensor(&b)?,
+        })
+    }
+
     /// Logits `[b, labels]` from hidden states `[b, t, d]` and the real-token mask.
     pub fn forward(&self, hidden: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
         let (b, t, _) = hidden.dims3()?;
