@@ -1,4 +1,4 @@
-//! Multiple-choice evaluation on SmolLM2: the option log-likelihoods computed over the cached
+//! Evaluation on SmolLM2. Multiple choice: the option log-likelihoods computed over the cached
 //! question equal a full forward pass per option (with and without a LoReFT on the question's
 //! last token), records in list or ARC shape are read with their answers, and the report's
 //! accuracies follow from those log-likelihoods.
@@ -181,4 +181,31 @@ fn items_in_list_and_arc_shapes_and_the_report() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("line 2") && err.contains("answer"), "{err}");
+}
+
+/// Generation evaluation: greedy chat answers, compared after normalisation (case, punctuation,
+/// articles) with any of the references; one item matches, one does not.
+#[test]
+fn generate_items_are_scored_by_normalised_exact_match() {
+    use reft::eval::{evaluate_generate, read_generate_items};
+    let lm = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qa.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"prompt": "What is the capital of France? Answer in one sentence.", "answer": ["Paris", "the capital of france is PARIS"]}"#,
+            "\n",
+            r#"{"prompt": "What is 2 + 2? Answer with a number only.", "answer": "5"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let items = read_generate_items(&path, "prompt", "answer").unwrap();
+    assert_eq!(items[0].answers.len(), 2);
+    let (report, answers) =
+        evaluate_generate(&lm, &items, true, 24, 8, &mut NoHooks, &mut |_, _| {}).unwrap();
+    assert_eq!(answers[0], "The capital of France is Paris.");
+    assert_eq!(report.n, 2);
+    assert_eq!(report.exact_match, 0.5, "{answers:?}");
 }

@@ -17,8 +17,8 @@ pub struct Args {
     /// Labelled data: JSONL, JSON, CSV/TSV, or a Hugging Face `datasets` folder / `.arrow` file.
     #[arg(long)]
     data: std::path::PathBuf,
-    /// What to score: `choice` (multiple choice by length-normalised log-likelihood) or
-    /// `classify` (an encoder with an adapter and head from `reft train --task classify`;
+    /// What to score: `choice` (multiple choice by length-normalised log-likelihood),
+    /// `generate` (greedy one-line answers, exact match after normalisation) or `classify` (an encoder with an adapter and head from `reft train --task classify`;
     /// `--model` is the encoder, default all-minilm-l6-v2).
     #[arg(long, default_value = "choice")]
     task: String,
@@ -34,6 +34,15 @@ pub struct Args {
     /// Answer field: an index or an option label (`answerKey` is used when absent).
     #[arg(long, default_value = "answer")]
     answer_field: String,
+    /// Generation: the prompt field.
+    #[arg(long, default_value = "prompt")]
+    prompt_field: String,
+    /// Generation: the answer field (a string or a list of acceptable strings).
+    #[arg(long, default_value = "answer")]
+    answer_text_field: String,
+    /// Generation: most new tokens per answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
     /// Classification: the text field.
     #[arg(long, default_value = "sentence")]
     text_field: String,
@@ -69,8 +78,11 @@ pub fn run(a: Args) -> Result<()> {
         println!("{line}");
         return Ok(());
     }
+    if a.task == "generate" {
+        return run_generate(a);
+    }
     if a.task != "choice" {
-        bail!("unknown --task `{}` (choice, classify)", a.task);
+        bail!("unknown --task `{}` (choice, generate, classify)", a.task);
     }
     let format = match a.template.as_str() {
         "raw" => ChoiceFormat::Raw,
@@ -105,6 +117,41 @@ pub fn run(a: Args) -> Result<()> {
     bar.finish_and_clear();
     let mut line = serde_json::to_value(&report)?;
     line["task"] = "choice".into();
+    println!("{line}");
+    Ok(())
+}
+
+fn run_generate(a: Args) -> Result<()> {
+    let chat = match a.template.as_str() {
+        "raw" => false,
+        "chat" => true,
+        other => bail!("unknown --template `{other}` (raw, chat)"),
+    };
+    let items = reft::eval::read_generate_items(&a.data, &a.prompt_field, &a.answer_text_field)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let items: Vec<_> = items
+        .into_iter()
+        .skip(a.offset)
+        .take(a.limit.unwrap_or(usize::MAX))
+        .collect();
+    if items.is_empty() {
+        bail!("no items left after --offset/--limit");
+    }
+    let lm = a.model.load()?;
+    let mut adapters = a.adapters.load(&lm)?;
+    let bar = ProgressBar::new(items.len() as u64);
+    let (report, _) = reft::eval::evaluate_generate(
+        &lm,
+        &items,
+        chat,
+        a.max_new_tokens,
+        8,
+        &mut adapters,
+        &mut |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    let mut line = serde_json::to_value(&report)?;
+    line["task"] = "generate".into();
     println!("{line}");
     Ok(())
 }
