@@ -1,7 +1,8 @@
 //! Evaluation on SmolLM2. Multiple choice: the option log-likelihoods computed over the cached
 //! question equal a full forward pass per option (with and without a LoReFT on the question's
 //! last token), records in list or ARC shape are read with their answers, and the report's
-//! accuracies follow from those log-likelihoods.
+//! accuracies follow from those log-likelihoods. Generation: greedy answers scored by
+//! normalised exact match.
 
 mod common;
 
