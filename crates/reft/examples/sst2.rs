@@ -11,7 +11,7 @@ use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::metrics::accuracy;
 use reft::model::bert::{Encoder, EncoderConfig};
 use reft::tokenizer::Tokenizer;
-use reft::train::classify::{predict, train_classifier, ClassifyConfig, MeanHead};
+use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
 
 fn main() -> reft::Result<()> {
     reft::ops::enable_flush_to_zero();
@@ -61,8 +61,19 @@ fn main() -> reft::Result<()> {
 
     let t = Instant::now();
     let probe = MeanHead::init(d, 2, 1, &dev)?;
-    train_classifier(&encoder, &tok, None, &probe, train_x, train_y, &cc)?;
-    let probe_acc = accuracy(&predict(&encoder, &tok, None, &probe, test_x, &cc)?, test_y);
+    train_classifier(
+        &encoder,
+        &tok,
+        None,
+        &probe,
+        Inputs::single(train_x),
+        train_y,
+        &cc,
+    )?;
+    let probe_acc = accuracy(
+        &predict(&encoder, &tok, None, &probe, Inputs::single(test_x), &cc)?,
+        test_y,
+    );
     println!(
         "probe (head only, {} params): test accuracy {probe_acc:.4} ({:.1} s)",
         2 * d + 2,
@@ -93,12 +104,19 @@ fn main() -> reft::Result<()> {
         &tok,
         Some(&mut adapter),
         &head,
-        train_x,
+        Inputs::single(train_x),
         train_y,
         &cc,
     )?;
     let acc = accuracy(
-        &predict(&encoder, &tok, Some(&mut adapter), &head, test_x, &cc)?,
+        &predict(
+            &encoder,
+            &tok,
+            Some(&mut adapter),
+            &head,
+            Inputs::single(test_x),
+            &cc,
+        )?,
         test_y,
     );
     println!(

@@ -117,6 +117,13 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// Ids and token types of a text pair with the tokenizer's own post-processing (BERT:
+    /// `[CLS] a [SEP] b [SEP]`, types 0 then 1).
+    pub fn encode_pair(&self, a: &str, b: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let e = self.inner.encode((a, b), true).map_err(tk_err)?;
+        Ok((e.get_ids().to_vec(), e.get_type_ids().to_vec()))
+    }
+
     /// Text of `ids`; special tokens are kept unless `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(tk_err)

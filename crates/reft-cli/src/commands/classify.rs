@@ -8,17 +8,32 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig};
 use reft::eval::metrics::{accuracy, macro_f1, matthews_corrcoef};
-use reft::train::classify::{predict, train_classifier, ClassifyConfig, MeanHead};
+use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
 
 use super::train::{Args, Plan};
 
-/// Texts and integer labels from a data file or `datasets` folder.
-pub fn labelled(path: &Path, text: &str, label: &str) -> Result<(Vec<String>, Vec<usize>)> {
-    let (rows, unit) = reft::data::read_rows(path, &[text, label])
+/// Texts, integer labels and (with `pair`) second texts from a data file or `datasets` folder.
+#[allow(clippy::type_complexity)]
+pub fn labelled(
+    path: &Path,
+    text: &str,
+    pair: Option<&str>,
+    label: &str,
+) -> Result<(Vec<String>, Vec<usize>, Option<Vec<String>>)> {
+    let mut columns = vec![text, label];
+    columns.extend(pair);
+    let (rows, unit) = reft::data::read_rows(path, &columns)
         .with_context(|| format!("reading {}", path.display()))?;
     let mut texts = Vec::with_capacity(rows.len());
     let mut labels = Vec::with_capacity(rows.len());
+    let mut pairs = pair.map(|_| Vec::with_capacity(rows.len()));
     for (n, r) in rows {
+        if let (Some(field), Some(out)) = (pair, pairs.as_mut()) {
+            let p = r[field].as_str().with_context(|| {
+                format!("{}: {unit} {n}: no text field `{field}`", path.display())
+            })?;
+            out.push(p.to_string());
+        }
         let t = r[text]
             .as_str()
             .with_context(|| format!("{}: {unit} {n}: no text field `{text}`", path.display()))?;
@@ -39,7 +54,7 @@ pub fn labelled(path: &Path, text: &str, label: &str) -> Result<(Vec<String>, Ve
     if texts.is_empty() {
         bail!("{}: no records", path.display());
     }
-    Ok((texts, labels))
+    Ok((texts, labels, pairs))
 }
 
 /// `reft train --task classify`.
@@ -47,7 +62,8 @@ pub fn train(a: &Args, p: Plan) -> Result<()> {
     let data = a.data.clone().context("--data FILE is required")?;
     let text_field = a.text_field.as_deref().unwrap_or("sentence");
     let label_field = a.label_field.as_deref().unwrap_or("label");
-    let (texts, labels) = labelled(&data, text_field, label_field)?;
+    let (texts, labels, pairs) =
+        labelled(&data, text_field, a.text_pair_field.as_deref(), label_field)?;
     let num_labels = a
         .num_labels
         .unwrap_or_else(|| labels.iter().max().map_or(2, |m| m + 1));
@@ -78,13 +94,19 @@ pub fn train(a: &Args, p: Plan) -> Result<()> {
         max_length: a.max_length.unwrap_or(128),
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let pair_refs: Option<Vec<&str>> = pairs
+        .as_ref()
+        .map(|p| p.iter().map(String::as_str).collect());
     let t0 = std::time::Instant::now();
     let losses = train_classifier(
         &encoder,
         &tok,
         Some(&mut adapter),
         &head,
-        &refs,
+        Inputs {
+            texts: &refs,
+            second: pair_refs.as_deref(),
+        },
         &labels,
         &cc,
     )?;
@@ -111,12 +133,19 @@ pub fn eval(
     model: &str,
     adapter_dir: &Path,
     data: &Path,
-    text_field: &str,
-    label_field: &str,
+    fields: (&str, Option<&str>, &str),
     range: (usize, Option<usize>),
 ) -> Result<serde_json::Value> {
-    let (texts, labels) = labelled(data, text_field, label_field)?;
+    let (text_field, pair_field, label_field) = fields;
+    let (texts, labels, pairs) = labelled(data, text_field, pair_field, label_field)?;
     let take = range.1.unwrap_or(usize::MAX);
+    let pairs: Option<Vec<&str>> = pairs.as_ref().map(|p| {
+        p.iter()
+            .skip(range.0)
+            .take(take)
+            .map(String::as_str)
+            .collect()
+    });
     let texts: Vec<&str> = texts
         .iter()
         .skip(range.0)
@@ -140,7 +169,10 @@ pub fn eval(
         &tok,
         Some(&mut adapter),
         &head,
-        &texts,
+        Inputs {
+            texts: &texts,
+            second: pairs.as_deref(),
+        },
         &ClassifyConfig::default(),
     )?;
     Ok(serde_json::json!({

@@ -46,6 +46,9 @@ pub struct Args {
     /// Classification: the text field.
     #[arg(long, default_value = "sentence")]
     text_field: String,
+    /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs.
+    #[arg(long)]
+    text_pair_field: Option<String>,
     /// Classification: the label field (integer class ids).
     #[arg(long, default_value = "label")]
     label_field: String,
@@ -71,8 +74,7 @@ pub fn run(a: Args) -> Result<()> {
             model,
             dir,
             &a.data,
-            &a.text_field,
-            &a.label_field,
+            (&a.text_field, a.text_pair_field.as_deref(), &a.label_field),
             (a.offset, a.limit),
         )?;
         println!("{line}");

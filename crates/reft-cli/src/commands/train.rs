@@ -115,6 +115,9 @@ pub struct Args {
     /// Classification: the text field.
     #[arg(long)]
     pub text_field: Option<String>,
+    /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs.
+    #[arg(long)]
+    pub text_pair_field: Option<String>,
     /// Classification: the label field (integer class ids).
     #[arg(long)]
     pub label_field: Option<String>,
@@ -158,6 +161,7 @@ struct FileArgs {
     out: Option<PathBuf>,
     task: Option<String>,
     text_field: Option<String>,
+    text_pair_field: Option<String>,
     label_field: Option<String>,
     num_labels: Option<usize>,
 }
@@ -200,6 +204,7 @@ impl Args {
             out,
             task,
             text_field,
+            text_pair_field,
             label_field,
             num_labels
         );

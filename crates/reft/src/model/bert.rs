@@ -255,6 +255,18 @@ impl Encoder {
         attention_mask: Option<&[Vec<u32>]>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        self.forward_with_types(input_ids, None, attention_mask, hooks)
+    }
+
+    /// Like [`forward`](Self::forward), with token types `[b, t]` (u32; the second text of a
+    /// pair is type 1 in BERT). `None`: all type 0.
+    pub fn forward_with_types(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&[Vec<u32>]>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let (d, nh) = (self.cfg.hidden_size, self.cfg.num_heads);
         let hd = d / nh;
@@ -283,8 +295,16 @@ impl Encoder {
         }
         let pos = Tensor::from_vec(pos, b * t, &self.device)?;
         let flat = input_ids.flatten_all()?;
-        let emb = (self.word.index_select(&flat, 0)? + self.position.index_select(&pos, 0)?)?
-            .broadcast_add(&self.token_type.get(0)?)?;
+        let types = match token_type_ids {
+            Some(tt) => self.token_type.index_select(&tt.flatten_all()?, 0)?,
+            None => self
+                .token_type
+                .get(0)?
+                .unsqueeze(0)?
+                .broadcast_as((b * t, d))?,
+        };
+        let emb =
+            ((self.word.index_select(&flat, 0)? + self.position.index_select(&pos, 0)?)? + types)?;
         let mut h = self.embed_norm.forward(&emb.reshape((b, t, d))?, eps)?;
         let mask = match attention_mask {
             Some(m) => {

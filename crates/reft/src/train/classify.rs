@@ -49,6 +49,33 @@ impl Default for ClassifyConfig {
     }
 }
 
+/// What is classified: single texts, or text pairs (`second[i]` goes with `texts[i]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The (first) texts.
+    pub texts: &'a [&'a str],
+    /// The second texts of pairs, as many as `texts`.
+    pub second: Option<&'a [&'a str]>,
+}
+
+impl<'a> Inputs<'a> {
+    /// Single texts.
+    pub fn single(texts: &'a [&'a str]) -> Self {
+        Self {
+            texts,
+            second: None,
+        }
+    }
+
+    /// Text pairs.
+    pub fn pairs(texts: &'a [&'a str], second: &'a [&'a str]) -> Self {
+        Self {
+            texts,
+            second: Some(second),
+        }
+    }
+}
+
 /// A linear head on mean-pooled states: `logits = W · mean(h) + b`.
 pub struct MeanHead {
     /// `[labels, d]`.
@@ -132,36 +159,53 @@ impl MeanHead {
     }
 }
 
-/// Tokenised, padded batch: ids `[b, t]` and mask rows.
+/// Tokenised, padded batch: ids `[b, t]`, token types `[b, t]`, mask rows and lengths. With
+/// `pairs`, each text is encoded with its partner (`[CLS] a [SEP] b [SEP]`).
+#[allow(clippy::type_complexity)]
 fn batch(
     tok: &Tokenizer,
     texts: &[&str],
+    pairs: Option<&[&str]>,
     max_length: usize,
     device: &candle_core::Device,
-) -> Result<(Tensor, Vec<Vec<u32>>, Vec<usize>)> {
-    let mut ids: Vec<Vec<u32>> = texts
+) -> Result<(Tensor, Tensor, Vec<Vec<u32>>, Vec<usize>)> {
+    let mut enc: Vec<(Vec<u32>, Vec<u32>)> = texts
         .iter()
-        .map(|t| tok.encode_with_special_tokens(t))
+        .enumerate()
+        .map(|(i, t)| match pairs {
+            Some(p) => tok.encode_pair(t, p.get(i).copied().unwrap_or("")),
+            None => tok.encode_with_special_tokens(t).map(|ids| {
+                let n = ids.len();
+                (ids, vec![0; n])
+            }),
+        })
         .collect::<Result<_>>()?;
-    for v in &mut ids {
-        if v.len() > max_length {
-            let last = *v.last().expect("non-empty");
-            v.truncate(max_length);
-            *v.last_mut().expect("non-empty") = last;
+    for (ids, types) in &mut enc {
+        if ids.len() > max_length {
+            let last = *ids.last().expect("non-empty");
+            ids.truncate(max_length);
+            types.truncate(max_length);
+            *ids.last_mut().expect("non-empty") = last;
         }
     }
-    let t = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let t = enc.iter().map(|e| e.0.len()).max().unwrap_or(1).max(1);
+    let lens: Vec<usize> = enc.iter().map(|e| e.0.len()).collect();
     let mask = lens
         .iter()
         .map(|&n| (0..t).map(|j| u32::from(j < n)).collect())
         .collect();
-    let flat: Vec<u32> = ids
-        .into_iter()
-        .flat_map(|v| v.into_iter().chain(std::iter::repeat(0)).take(t))
-        .collect();
+    let pad = |v: &[u32]| {
+        v.iter()
+            .copied()
+            .chain(std::iter::repeat(0))
+            .take(t)
+            .collect::<Vec<_>>()
+    };
+    let ids: Vec<u32> = enc.iter().flat_map(|e| pad(&e.0)).collect();
+    let types: Vec<u32> = enc.iter().flat_map(|e| pad(&e.1)).collect();
     Ok((
-        Tensor::from_vec(flat, (texts.len(), t), device)?,
+        Tensor::from_vec(ids, (texts.len(), t), device)?,
+        Tensor::from_vec(types, (texts.len(), t), device)?,
         mask,
         lens,
     ))
@@ -173,18 +217,18 @@ pub fn classify_logits(
     tok: &Tokenizer,
     adapter: Option<&mut Adapter>,
     head: &MeanHead,
-    texts: &[&str],
+    inputs: Inputs,
     max_length: usize,
 ) -> Result<Tensor> {
     let dev = head.weight.device().clone();
-    let (ids, mask, lens) = batch(tok, texts, max_length, &dev)?;
+    let (ids, types, mask, lens) = batch(tok, inputs.texts, inputs.second, max_length, &dev)?;
     let hidden = match adapter {
         Some(a) => {
             // Positions count over the whole input (`f1` is `[CLS]`).
             crate::model::Hooks::prepare(a, &PromptLayout::unpadded(lens))?;
-            encoder.forward(&ids, Some(&mask), a)?
+            encoder.forward_with_types(&ids, Some(&types), Some(&mask), a)?
         }
-        None => encoder.forward(&ids, Some(&mask), &mut NoHooks)?,
+        None => encoder.forward_with_types(&ids, Some(&types), Some(&mask), &mut NoHooks)?,
     };
     head.forward(&hidden, &mask)
 }
@@ -195,20 +239,26 @@ pub fn predict(
     tok: &Tokenizer,
     mut adapter: Option<&mut Adapter>,
     head: &MeanHead,
-    texts: &[&str],
+    inputs: Inputs,
     cfg: &ClassifyConfig,
 ) -> Result<Vec<usize>> {
+    let (texts, pairs) = (inputs.texts, inputs.second);
     if let Some(a) = adapter.as_deref_mut() {
         a.set_training(false);
     }
     let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(cfg.batch_size.max(1)) {
+    let size = cfg.batch_size.max(1);
+    for (k, chunk) in texts.chunks(size).enumerate() {
+        let pair_chunk = pairs.map(|p| &p[(k * size).min(p.len())..((k + 1) * size).min(p.len())]);
         let logits = classify_logits(
             encoder,
             tok,
             adapter.as_deref_mut(),
             head,
-            chunk,
+            Inputs {
+                texts: chunk,
+                second: pair_chunk,
+            },
             cfg.max_length,
         )?;
         let am: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
@@ -223,15 +273,20 @@ pub fn train_classifier(
     tok: &Tokenizer,
     mut adapter: Option<&mut Adapter>,
     head: &MeanHead,
-    texts: &[&str],
+    inputs: Inputs,
     labels: &[usize],
     cfg: &ClassifyConfig,
 ) -> Result<Vec<f64>> {
-    if texts.is_empty() || texts.len() != labels.len() {
+    let (texts, pairs) = (inputs.texts, inputs.second);
+    if texts.is_empty()
+        || texts.len() != labels.len()
+        || pairs.is_some_and(|p| p.len() != texts.len())
+    {
         return Err(Error::InvalidArgument(format!(
-            "{} texts and {} labels: need the same number, at least one",
+            "{} texts, {} labels and {} second texts: need the same number, at least one",
             texts.len(),
-            labels.len()
+            labels.len(),
+            pairs.map_or(texts.len(), <[&str]>::len)
         )));
     }
     let num_labels = head.weight.as_tensor().dim(0)?;
@@ -259,13 +314,22 @@ pub fn train_classifier(
         order.shuffle(&mut rng);
         for chunk in order.chunks(cfg.batch_size.max(1)) {
             let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let batch_pairs: Option<Vec<&str>> = pairs.map(|p| {
+                chunk
+                    .iter()
+                    .map(|&i| p.get(i).copied().unwrap_or(""))
+                    .collect()
+            });
             let targets: Vec<u32> = chunk.iter().map(|&i| labels[i] as u32).collect();
             let logits = classify_logits(
                 encoder,
                 tok,
                 adapter.as_deref_mut(),
                 head,
-                &batch_texts,
+                Inputs {
+                    texts: &batch_texts,
+                    second: batch_pairs.as_deref(),
+                },
                 cfg.max_length,
             )?
             .to_dtype(DType::F32)?;
