@@ -298,6 +298,21 @@ pub struct LoadContext {
     pub keep_quantized: bool,
 }
 
+impl LoadContext {
+    /// A context for models read only from safetensors (GPT-2, BERT-family), where the GGUF
+    /// query/key un-permutation and quantized blocks never apply.
+    pub fn safetensors(device: &Device, dtype: DType) -> Self {
+        Self {
+            device: device.clone(),
+            dtype,
+            arch: Arch::Llama,
+            num_heads: 1,
+            num_kv_heads: 1,
+            keep_quantized: false,
+        }
+    }
+}
+
 /// Validates a safetensors header against the file length, so that a truncated file fails with a
 /// message instead of a fault when a mapped page past the end is touched.
 fn check_safetensors_header(path: &Path) -> Result<()> {

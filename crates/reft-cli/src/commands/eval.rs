@@ -98,21 +98,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     let items = read_choice_items(&a.data, &fields)
         .with_context(|| format!("reading {}", a.data.display()))?;
-    let items: Vec<_> = items
-        .into_iter()
-        .skip(a.offset)
-        .take(a.limit.unwrap_or(usize::MAX))
-        .collect();
-    if items.is_empty() {
-        bail!("no items left after --offset/--limit");
-    }
+    let items = window(items, &a)?;
     let lm = a.model.load()?;
     let mut adapters = a.adapters.load(&lm)?;
-    let bar = ProgressBar::new(items.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} items [{elapsed}<{eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = items_bar(items.len());
     let report = evaluate_choice(&lm, &items, format, &mut adapters, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
@@ -131,17 +120,10 @@ fn run_generate(a: Args) -> Result<()> {
     };
     let items = reft::eval::read_generate_items(&a.data, &a.prompt_field, &a.answer_text_field)
         .with_context(|| format!("reading {}", a.data.display()))?;
-    let items: Vec<_> = items
-        .into_iter()
-        .skip(a.offset)
-        .take(a.limit.unwrap_or(usize::MAX))
-        .collect();
-    if items.is_empty() {
-        bail!("no items left after --offset/--limit");
-    }
+    let items = window(items, &a)?;
     let lm = a.model.load()?;
     let mut adapters = a.adapters.load(&lm)?;
-    let bar = ProgressBar::new(items.len() as u64);
+    let bar = items_bar(items.len());
     let (report, _) = reft::eval::evaluate_generate(
         &lm,
         &items,
@@ -156,4 +138,27 @@ fn run_generate(a: Args) -> Result<()> {
     line["task"] = "generate".into();
     println!("{line}");
     Ok(())
+}
+
+/// The items `--offset`/`--limit` select; an error when none are left.
+fn window<T>(items: Vec<T>, a: &Args) -> Result<Vec<T>> {
+    let items: Vec<T> = items
+        .into_iter()
+        .skip(a.offset)
+        .take(a.limit.unwrap_or(usize::MAX))
+        .collect();
+    if items.is_empty() {
+        bail!("no items left after --offset/--limit");
+    }
+    Ok(items)
+}
+
+/// A progress bar over `n` items, on stderr.
+fn items_bar(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} items [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }

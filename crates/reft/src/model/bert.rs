@@ -161,15 +161,7 @@ impl Encoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let ctx = LoadContext {
-            device: device.clone(),
-            dtype,
-            // Only GGUF loading looks at the architecture; encoders come from safetensors.
-            arch: super::Arch::Llama,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_heads,
-            keep_quantized: false,
-        };
+        let ctx = LoadContext::safetensors(device, dtype);
         let family = match cfg.kind {
             EncoderKind::Bert => "bert",
             EncoderKind::Roberta => "roberta",

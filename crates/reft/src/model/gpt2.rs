@@ -105,15 +105,7 @@ impl Gpt2 {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let ctx = LoadContext {
-            device: device.clone(),
-            dtype,
-            // Only GGUF loading looks at the architecture; GPT-2 comes from safetensors.
-            arch: super::Arch::Llama,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_heads,
-            keep_quantized: false,
-        };
+        let ctx = LoadContext::safetensors(device, dtype);
         let p = if source.contains("transformer.wte.weight") {
             "transformer."
         } else {
