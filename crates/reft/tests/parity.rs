@@ -171,35 +171,9 @@ fn check_decoder_case(case: &Case, model_dir: &Path) {
     let labels = matrix_i64(&case.json["labels"]);
     let (b, t) = (ids.len(), ids[0].len());
     let ids_t = Tensor::from_vec(ids.concat(), (b, t), &dev).unwrap();
-    let d = decoder.config().hidden_size;
-
-    let specs = case.json["interventions"].as_array().unwrap();
-    let mut configs = Vec::new();
-    let mut built = Vec::new();
-    let mut positions = Vec::new();
-    for (i, iv) in specs.iter().enumerate() {
-        let (c, iv_built) = intervention_of(iv, &case.tensors, i, "all", d);
-        configs.push(c);
-        built.push(iv_built);
-        let per_example: Vec<Vec<usize>> = matrix_u32(&iv["positions"])
-            .into_iter()
-            .map(|r| r.into_iter().map(|p| p as usize).collect())
-            .collect();
-        positions.push(per_example);
-    }
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: configs,
-        template: None,
-        training: None,
-    };
-    let mut adapter = Adapter::new(config, built);
-    adapter.set_training(true);
-    adapter
-        .prepare_with_positions(&positions, &vec![0; b])
-        .unwrap();
-    let hooks: &mut dyn Hooks = if specs.is_empty() {
+    let mut adapter = case_adapter(case, decoder.config().hidden_size, b);
+    let no_interventions = case.json["interventions"].as_array().unwrap().is_empty();
+    let hooks: &mut dyn Hooks = if no_interventions {
         &mut NoHooks
     } else {
         &mut adapter
@@ -212,20 +186,7 @@ fn check_decoder_case(case: &Case, model_dir: &Path) {
     };
     let hidden = decoder.forward(&input, hooks, None).unwrap();
     let logits = decoder.lm_head(&hidden).unwrap();
-
-    let tol = case.json["tolerance"]["logits_max_abs"].as_f64().unwrap();
-    let reference = &case.tensors["logits"];
-    for (bi, row) in mask.iter().enumerate() {
-        let n = row.iter().filter(|&&m| m == 1).count();
-        let ours = logits.get(bi).unwrap().narrow(0, 0, n).unwrap();
-        let theirs = reference.get(bi).unwrap().narrow(0, 0, n).unwrap();
-        let err = max_abs_diff(&ours, &theirs);
-        assert!(
-            err <= tol,
-            "{}: logits of example {bi} differ by {err} > {tol}",
-            case.name
-        );
-    }
+    check_causal_logits(case, &logits, &mask);
     let loss = causal_lm_loss(&logits, &labels).unwrap();
     check_loss_and_grads(case, &adapter, &loss);
 }
@@ -277,25 +238,26 @@ fn check_gpt2_case(case: &Case, model_dir: &Path) {
     let mut adapter = case_adapter(case, model.config().hidden_size, b);
     let hidden = model.forward(&ids_t, Some(&mask), &mut adapter).unwrap();
     let logits = model.lm_head(&hidden).unwrap();
+    check_causal_logits(case, &logits, &mask);
+    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    check_loss_and_grads(case, &adapter, &loss);
+}
+
+/// Causal-LM logits `[b, t, vocab]` against the case's, at the real positions of each example.
+fn check_causal_logits(case: &Case, logits: &Tensor, mask: &[Vec<u32>]) {
     let tol = case.json["tolerance"]["logits_max_abs"].as_f64().unwrap();
+    let reference = &case.tensors["logits"];
     for (bi, row) in mask.iter().enumerate() {
         let n = row.iter().filter(|&&m| m == 1).count();
-        let err = max_abs_diff(
-            &logits.get(bi).unwrap().narrow(0, 0, n).unwrap(),
-            &case.tensors["logits"]
-                .get(bi)
-                .unwrap()
-                .narrow(0, 0, n)
-                .unwrap(),
-        );
+        let ours = logits.get(bi).unwrap().narrow(0, 0, n).unwrap();
+        let theirs = reference.get(bi).unwrap().narrow(0, 0, n).unwrap();
+        let err = max_abs_diff(&ours, &theirs);
         assert!(
             err <= tol,
-            "{}: logits of example {bi} differ by {err}",
+            "{}: logits of example {bi} differ by {err} > {tol}",
             case.name
         );
     }
-    let loss = causal_lm_loss(&logits, &labels).unwrap();
-    check_loss_and_grads(case, &adapter, &loss);
 }
 
 /// The case's loss, and (with interventions) every parameter's gradient, against the reference.

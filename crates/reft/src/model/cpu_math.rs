@@ -27,7 +27,7 @@ impl<'a> View<'a> {
     pub fn rows(data: &'a [f32], rs: usize) -> Self {
         Self { data, rs, cs: 1 }
     }
-    /// `W` `[out, in]` read as `Wᵀ` `[in, out]`.
+    /// A row-major matrix with row stride `rs` (a weight `[out, in]`, say) read transposed.
     pub fn t(data: &'a [f32], rs: usize) -> Self {
         Self {
             data,

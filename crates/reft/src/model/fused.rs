@@ -372,15 +372,12 @@ impl FusedBlocks {
                     let p = &s.p[ti * rep + r];
                     let go = &d_attn[off[e] * nh * hd + head * hd..];
                     let qh = &s.q[off[e] * nh * hd + head * hd..];
-                    // dV (new rows) += Pᵀ[new keys] · dO
+                    // dV (new rows) += Pᵀ[new keys] · dO (`View::t`: P's new-key columns read
+                    // transposed)
                     mm(
                         &mut dv,
                         hd,
-                        View {
-                            data: &p[np..],
-                            rs: 1,
-                            cs: sl,
-                        },
+                        View::t(&p[np..], sl),
                         View::rows(go, nh * hd),
                         (len, hd, len),
                         true,
@@ -416,11 +413,7 @@ impl FusedBlocks {
                     mm(
                         &mut dk,
                         hd,
-                        View {
-                            data: &ds[np..],
-                            rs: 1,
-                            cs: sl,
-                        },
+                        View::t(&ds[np..], sl),
                         View::rows(qh, nh * hd),
                         (len, hd, len),
                         true,
