@@ -88,10 +88,17 @@ fn main() -> reft::Result<()> {
     };
     let (step, setup_s, loss) = run(steps)?;
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
-    // The same steps with every op a candle op (the fused CPU kernels off).
-    lm.decoder.set_fused_layers(false);
-    let (composed_step, _, composed_loss) = run(5)?;
-    lm.decoder.set_fused_layers(true);
+    // The same steps with every op a candle op (the fused CPU kernels off); skipped with
+    // `REFT_BENCH_FUSED_ONLY=1` (for A/B runs of kernel changes).
+    let fused_only = std::env::var_os("REFT_BENCH_FUSED_ONLY").is_some();
+    let (composed_step, composed_loss) = if fused_only {
+        (f64::NAN, f64::NAN)
+    } else {
+        lm.decoder.set_fused_layers(false);
+        let (s, _, l) = run(5)?;
+        lm.decoder.set_fused_layers(true);
+        (s, l)
+    };
     let rate_big = matmul_rate(1024, 1024, 1024)?;
     let rate_step = matmul_rate(rows, d, i)?;
     println!(
@@ -113,6 +120,9 @@ fn main() -> reft::Result<()> {
     println!(
         "final loss {loss:.4} after {steps} steps; peak RSS {rss:.0} MB ({rss_loaded:.0} MB after loading the model)"
     );
+    if fused_only {
+        return Ok(());
+    }
     println!(
         "composed candle ops instead of the fused kernels: median {composed_step:.3} s per step ({:.1}x slower; loss after 5 steps {composed_loss:.4})",
         composed_step / step
