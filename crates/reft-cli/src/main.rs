@@ -38,7 +38,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    reft::ops::enable_flush_to_zero();
+    reft::ops::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),

@@ -18,7 +18,7 @@ const PASSAGE: &str = "The lighthouse keeper of Varnholm kept three ledgers. In 
 
 #[test]
 fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
-    reft::ops::enable_flush_to_zero();
+    reft::ops::tune_cpu_runtime();
     let dev = Device::Cpu;
     let path = smollm2_path();
     let lm = LanguageModel::load(
