@@ -257,16 +257,21 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5·2^23
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest by the 1.5·2^23 trick (vectorises without SSE4.1's roundps).
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest by the 1.5·2^23 trick (vectorises without SSE4.1's roundps): `t`'s low
+    // mantissa bits hold the integer `n`, read back from its bits below. A float-to-int cast
+    // would not vectorise (Rust's saturating `as` became one scalar conversion per lane).
+    let t = x * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let ni = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    f32::from_bits((ni.wrapping_add(127) << 23) as u32) * p
 }
 
 /// Largest element (lane-wise, so that it vectorises).

@@ -3,23 +3,26 @@
 //! Why: the head is the largest product of a training step (`[rows, d] × [d, vocab]`), and as
 //! candle ops the loss around it makes several passes over the `[rows, vocab]` logits (log-softmax,
 //! gather, and their backward), each allocating tens of megabytes. Here the forward computes the
-//! logits once, keeps the softmax, and returns the summed loss; the backward is one product,
-//! `(softmax − onehot) · W`, which never forms a weight gradient.
+//! logits once, exponentiates them in place and returns the summed loss; the backward is one
+//! product, `(softmax − onehot) · W = diag(1/Σ)·(exp · W) − W[targets]`, which never forms a
+//! weight gradient. Normalising and subtracting on the `[rows, d]` product rather than on the
+//! `[rows, vocab]` exponentials saves two passes over tens of megabytes per step.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_math::{exp_shifted, f32s, mm, scale, View};
+use super::cpu_math::{exp_shifted, f32s, mm, View};
 use super::llama::Decoder;
 use crate::{Error, Result};
 
 struct HeadLoss {
     weight: Tensor,
     targets: Vec<u32>,
-    /// The softmax of each row, kept by the forward for the backward.
-    probs: Arc<Mutex<Vec<f32>>>,
+    /// `exp(logit − row max)` of each row, and each row's `1 / Σ exp`, kept by the forward
+    /// for the backward.
+    probs: Arc<Mutex<(Vec<f32>, Vec<f32>)>>,
     /// The decoder's spare buffer for it: `[rows, vocab]` is tens of megabytes, which the
     /// system allocator maps fresh (and the kernel zeroes page by page) on every step unless
     /// it is reused.
@@ -54,17 +57,17 @@ impl CustomOp1 for HeadLoss {
             false,
             true,
         );
-        let loss: f64 = probs
+        let (losses, inv_sums): (Vec<f64>, Vec<f32>) = probs
             .par_chunks_mut(vocab)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
                 let target = row[t as usize];
                 let (max, sum) = exp_shifted(row);
-                scale(row, (1.0 / sum) as f32);
-                sum.ln() + max as f64 - target as f64
+                (sum.ln() + max as f64 - target as f64, (1.0 / sum) as f32)
             })
-            .sum();
-        *self.probs.lock().expect("head-loss lock") = probs;
+            .unzip();
+        let loss: f64 = losses.iter().sum();
+        *self.probs.lock().expect("head-loss lock") = (probs, inv_sums);
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
@@ -75,32 +78,34 @@ impl CustomOp1 for HeadLoss {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let mut probs = std::mem::take(&mut *self.probs.lock().expect("head-loss lock"));
+        let (exps, inv_sums) = std::mem::take(&mut *self.probs.lock().expect("head-loss lock"));
         let (guard, wl) = self.weight.storage_and_layout();
         let w = f32s(&guard, wl)?;
         let (n, d) = arg.dims2()?;
         let vocab = w.len() / d;
-        if probs.len() != n * vocab {
+        if exps.len() != n * vocab || inv_sums.len() != n {
             candle_core::bail!("lm-head loss: backward before forward")
         }
-        probs
-            .par_chunks_mut(vocab)
-            .zip(self.targets.par_iter())
-            .for_each(|(row, &t)| {
-                row[t as usize] -= 1.0;
-                scale(row, g);
-            });
         let mut dx = vec![0f32; n * d];
         mm(
             &mut dx,
             d,
-            View::rows(&probs, vocab),
+            View::rows(&exps, vocab),
             View::rows(w, d),
             (n, d, vocab),
             false,
             true,
         );
-        *self.spare.lock().expect("head-loss lock") = probs;
+        // Row r: g·(exp_r · W / Σ_r − W[t_r]).
+        dx.par_chunks_mut(d)
+            .zip(inv_sums.par_iter().zip(self.targets.par_iter()))
+            .for_each(|(row, (&inv, &t))| {
+                let wt = &w[t as usize * d..(t as usize + 1) * d];
+                row.iter_mut()
+                    .zip(wt)
+                    .for_each(|(x, &wv)| *x = g * (*x * inv - wv));
+            });
+        *self.spare.lock().expect("head-loss lock") = exps;
         Ok(Some(Tensor::from_vec(dx, (n, d), arg.device())?))
     }
 }
@@ -122,7 +127,7 @@ impl Decoder {
             let op = HeadLoss {
                 weight: weight.clone(),
                 targets: targets.to_vec(),
-                probs: Arc::new(Mutex::new(Vec::new())),
+                probs: Arc::new(Mutex::new((Vec::new(), Vec::new()))),
                 spare: self.head_scratch().clone(),
             };
             return Ok(hidden.contiguous()?.apply_op1(op)?);
