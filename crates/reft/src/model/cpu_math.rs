@@ -171,14 +171,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], d: usize, eps: f32) -> (Vec<f32>, V
     let r: Vec<f32> = y
         .par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .map(|(y, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
-            r
-        })
+        .map(|(y, x)| rms_norm_row(y, x, w, eps))
         .collect();
     (y, r)
 }
@@ -188,13 +181,7 @@ pub(crate) fn rms_norm_back(dx: &mut [f32], g: &[f32], x: &[f32], r: &[f32], w: 
     dx.par_chunks_mut(d)
         .zip(g.par_chunks(d).zip(x.par_chunks(d)))
         .zip(r.par_iter())
-        .for_each(|((dx, (g, x)), &r)| {
-            let dot: f32 = g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
-            let c = r * r * r * dot / d as f32;
-            for (((dx, g), w), x) in dx.iter_mut().zip(g).zip(w).zip(x) {
-                *dx += r * g * w - c * x;
-            }
-        });
+        .for_each(|((dx, (g, x)), &r)| rms_norm_back_row(dx, g, x, w, r));
 }
 
 /// Half-split rotary embedding in place on every head of every row (`width` = heads·hd).
@@ -206,21 +193,11 @@ pub(crate) fn rope(
     hd: usize,
     backward: bool,
 ) {
-    let half = hd / 2;
     x.par_chunks_mut(width)
         .zip(cos.par_chunks(hd).zip(sin.par_chunks(hd)))
         .for_each(|(row, (c, s))| {
             for head in row.chunks_mut(hd) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    if backward {
-                        head[i] = a * c[i] + b * s[i + half];
-                        head[i + half] = b * c[i + half] - a * s[i];
-                    } else {
-                        head[i] = a * c[i] - b * s[i];
-                        head[i + half] = b * c[i + half] + a * s[i + half];
-                    }
-                }
+                rope_head(head, c, s, backward);
             }
         });
 }
@@ -343,9 +320,122 @@ wide_fn! {
     }
 }
 
+/// Sum of `f(a[i], b[i], c[i])`, accumulated in 16 lanes so that it vectorises (a plain
+/// `.sum()` keeps the sequential order and stays scalar).
+#[inline(always)]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let mut acc = [0f32; 16];
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            *acc += f(a[i + j], b[i + j], c[i + j]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in full..n {
+        s += f(a[i], b[i], c[i]);
+    }
+    s
+}
+
+wide_fn! {
+    /// One row of RMSNorm: `y = x·r·w` with `r = 1/√(mean(x²) + eps)`; returns `r`.
+    fn rms_norm_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+        let ms = lane_sum3(x, x, x, |a, _, _| a * a) / x.len() as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * r * w;
+        }
+        r
+    }
+}
+
+wide_fn! {
+    /// One row of the RMSNorm backward (see [`rms_norm_back`]).
+    fn rms_norm_back_row(dx: &mut [f32], g: &[f32], x: &[f32], w: &[f32], r: f32) {
+        let dot = lane_sum3(g, w, x, |g, w, x| g * w * x);
+        let c = r * r * r * dot / x.len() as f32;
+        for (((dx, g), w), x) in dx.iter_mut().zip(g).zip(w).zip(x) {
+            *dx += r * g * w - c * x;
+        }
+    }
+}
+
+wide_fn! {
+    /// Half-split RoPE of one head in place (or its transpose, for the backward).
+    fn rope_head(head: &mut [f32], c: &[f32], s: &[f32], backward: bool) {
+        let half = head.len() / 2;
+        let (lo, hi) = head.split_at_mut(half);
+        let (c_lo, c_hi) = c.split_at(half);
+        let (s_lo, s_hi) = s.split_at(half);
+        if backward {
+            for i in 0..half.min(hi.len()).min(c_hi.len()).min(s_hi.len()) {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * c_lo[i] + b * s_hi[i];
+                hi[i] = b * c_hi[i] - a * s_lo[i];
+            }
+        } else {
+            for i in 0..half.min(hi.len()).min(c_hi.len()).min(s_hi.len()) {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * c_lo[i] - b * s_lo[i];
+                hi[i] = b * c_hi[i] + a * s_hi[i];
+            }
+        }
+    }
+}
+
+wide_fn! {
+    /// The softmax backward of one attention row, scaled: `ds = p⊙(ds − ⟨ds, p⟩)·scale`.
+    pub(crate) fn softmax_back_row(ds: &mut [f32], p: &[f32], scale: f32) {
+        let dot = lane_sum3(ds, p, p, |a, b, _| a * b);
+        for (x, pv) in ds.iter_mut().zip(p) {
+            *x = pv * (*x - dot) * scale;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every operand layout the fused kernels use, single-threaded and split over threads,
+    /// against a naive triple loop.
+    #[test]
+    fn small_and_gemm_products_agree_with_naive_sums() {
+        let (m, n, k) = (7, 19, 33);
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+        let a_data: Vec<f32> = (0..m * k).map(val).collect();
+        let b_data: Vec<f32> = (0..k * n).map(|i| val(i + 5)).collect();
+        // (a, b, element accessors) for row-major and transposed storage of each operand.
+        let layouts = [
+            (View::rows(&a_data, k), View::rows(&b_data, n)),
+            (View::rows(&a_data, k), View::t(&b_data, k)),
+            (View::t(&a_data, m), View::rows(&b_data, n)),
+            (View::t(&a_data, m), View::t(&b_data, k)),
+        ];
+        for (li, (a, b)) in layouts.into_iter().enumerate() {
+            let at = |i: usize, j: usize| a.data[i * a.rs + j * a.cs];
+            let bt = |i: usize, j: usize| b.data[i * b.rs + j * b.cs];
+            for parallel in [false, true] {
+                for accumulate in [false, true] {
+                    let mut got = vec![1.5f32; m * n];
+                    mm(&mut got, n, a, b, (m, n, k), accumulate, parallel);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f32 = (0..k).map(|q| at(i, q) * bt(q, j)).sum::<f32>()
+                                + if accumulate { 1.5 } else { 0.0 };
+                            let g = got[i * n + j];
+                            assert!(
+                                (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "layout {li} parallel {parallel} acc {accumulate} [{i},{j}]: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate_where_softmax_and_silu_use_it() {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::cpu_math::{
     exp_shifted, f32s, linear, linear_back, mm, rms_norm, rms_norm_back, rope, scale as scale_by,
-    swiglu, swiglu_back, View,
+    softmax_back_row, swiglu, swiglu_back, View,
 };
 
 /// One layer's frozen weights (cheap clones of the model's tensors).
@@ -395,10 +395,7 @@ impl FusedBlocks {
                         false,
                     );
                     for (drow, prow) in ds.chunks_mut(sl).zip(p.chunks(sl)) {
-                        let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
-                        for (x, pv) in drow.iter_mut().zip(prow) {
-                            *x = pv * (*x - dot) * scale;
-                        }
+                        softmax_back_row(drow, prow, scale);
                     }
                     // dQ = dS · K; dK (new rows) += dSᵀ[new keys] · Q
                     mm(
