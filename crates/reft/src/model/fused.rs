@@ -111,7 +111,8 @@ pub(crate) struct Saved {
     /// Per (example, kv head): visible keys and values `[s, hd]`, prefix first.
     kf: Vec<Vec<f32>>,
     vf: Vec<Vec<f32>>,
-    /// Per (example, query head): attention probabilities `[len, s]`.
+    /// Per (example, kv head): the attention probabilities of its query heads, stacked head
+    /// by head, `[rep·len, s]`.
     p: Vec<Vec<f32>>,
     h_mid: Vec<f32>,
     r2: Vec<f32>,
@@ -257,52 +258,47 @@ impl FusedBlocks {
                     kf.extend_from_slice(&k[at..at + hd]);
                     vf.extend_from_slice(&v[at..at + hd]);
                 }
-                let mut out = vec![0f32; len * rep * hd];
-                let mut probs = Vec::with_capacity(rep);
-                for r in 0..rep {
-                    let head = kv * rep + r;
-                    let qh = &q[off[e] * nh * hd + head * hd..];
-                    let mut p = vec![0f32; len * s];
-                    mm(
-                        &mut p,
-                        s,
-                        View::rows(qh, nh * hd),
-                        View::t(&kf, hd),
-                        (len, s, hd),
-                        false,
-                        false,
-                    );
-                    for (i, row) in p.chunks_mut(s).enumerate() {
-                        let visible = np + i + 1;
-                        scale_by(&mut row[..visible], scale);
-                        let (_, sum) = exp_shifted(&mut row[..visible]);
-                        scale_by(&mut row[..visible], (1.0 / sum) as f32);
-                        row[visible..].fill(0.0);
-                    }
-                    mm(
-                        &mut out[r * hd..],
-                        rep * hd,
-                        View::rows(&p, s),
-                        View::rows(&vf, hd),
-                        (len, hd, s),
-                        false,
-                        false,
-                    );
-                    probs.push(p);
+                // The group's query heads share these keys: their queries are stacked head by
+                // head (`[rep·len, hd]`) so that scores and mixes are one product each.
+                let qs = gather_heads(q, off[e], len, nh * hd, kv * rep, rep, hd);
+                let rows = rep * len;
+                let mut p = vec![0f32; rows * s];
+                mm(
+                    &mut p,
+                    s,
+                    View::rows(&qs, hd),
+                    View::t(&kf, hd),
+                    (rows, s, hd),
+                    false,
+                    false,
+                );
+                for (ri, row) in p.chunks_mut(s).enumerate() {
+                    let visible = np + ri % len + 1;
+                    scale_by(&mut row[..visible], scale);
+                    let (_, sum) = exp_shifted(&mut row[..visible]);
+                    scale_by(&mut row[..visible], (1.0 / sum) as f32);
+                    row[visible..].fill(0.0);
                 }
-                (out, kf, vf, probs)
+                let mut out = vec![0f32; rows * hd];
+                mm(
+                    &mut out,
+                    hd,
+                    View::rows(&p, s),
+                    View::rows(&vf, hd),
+                    (rows, hd, s),
+                    false,
+                    false,
+                );
+                (out, kf, vf, p)
             })
             .collect();
         let mut attn = vec![0f32; g.rows() * nh * hd];
         let (mut kfs, mut vfs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
-        for (&(e, kv), (out, kf, vf, probs)) in tasks.iter().zip(results) {
-            for (i, chunk) in out.chunks(rep * hd).enumerate() {
-                let at = (off[e] + i) * nh * hd + kv * rep * hd;
-                attn[at..at + rep * hd].copy_from_slice(chunk);
-            }
+        for (&(e, kv), (out, kf, vf, p)) in tasks.iter().zip(results) {
+            scatter_heads(&mut attn, &out, off[e], g.real[e].1, nh * hd, kv * rep, rep, hd);
             kfs.push(kf);
             vfs.push(vf);
-            ps.extend(probs);
+            ps.push(p);
         }
         (attn, kfs, vfs, ps)
     }
@@ -364,59 +360,56 @@ impl FusedBlocks {
                 let np = g.prefix[e].len();
                 let sl = np + len;
                 let (kf, vf) = (&s.kf[ti], &s.vf[ti]);
-                let mut dq = vec![0f32; len * rep * hd];
-                let mut dk = vec![0f32; len * hd];
+                let rows = rep * len;
+                let p = &s.p[ti];
+                let go = gather_heads(d_attn, off[e], len, nh * hd, kv * rep, rep, hd);
+                let qs = gather_heads(&s.q, off[e], len, nh * hd, kv * rep, rep, hd);
+                // dV (new rows) = Σ over the group's heads of Pᵀ[new keys] · dO.
                 let mut dv = vec![0f32; len * hd];
-                for r in 0..rep {
-                    let head = kv * rep + r;
-                    let p = &s.p[ti * rep + r];
-                    let go = &d_attn[off[e] * nh * hd + head * hd..];
-                    let qh = &s.q[off[e] * nh * hd + head * hd..];
-                    // dV (new rows) += Pᵀ[new keys] · dO (`View::t`: P's new-key columns read
-                    // transposed)
-                    mm(
-                        &mut dv,
-                        hd,
-                        View::t(&p[np..], sl),
-                        View::rows(go, nh * hd),
-                        (len, hd, len),
-                        true,
-                        false,
-                    );
-                    // dP = dO · Vᵀ, then the softmax backward, scaled.
-                    let mut ds = vec![0f32; len * sl];
-                    mm(
-                        &mut ds,
-                        sl,
-                        View::rows(go, nh * hd),
-                        View::t(vf, hd),
-                        (len, sl, hd),
-                        false,
-                        false,
-                    );
-                    for (drow, prow) in ds.chunks_mut(sl).zip(p.chunks(sl)) {
-                        softmax_back_row(drow, prow, scale);
-                    }
-                    // dQ = dS · K; dK (new rows) += dSᵀ[new keys] · Q
-                    mm(
-                        &mut dq[r * hd..],
-                        rep * hd,
-                        View::rows(&ds, sl),
-                        View::rows(kf, hd),
-                        (len, hd, sl),
-                        false,
-                        false,
-                    );
-                    mm(
-                        &mut dk,
-                        hd,
-                        View::t(&ds[np..], sl),
-                        View::rows(qh, nh * hd),
-                        (len, hd, len),
-                        true,
-                        false,
-                    );
+                mm(
+                    &mut dv,
+                    hd,
+                    View::t(&p[np..], sl),
+                    View::rows(&go, hd),
+                    (len, hd, rows),
+                    false,
+                    false,
+                );
+                // dP = dO · Vᵀ, then the softmax backward, scaled.
+                let mut ds = vec![0f32; rows * sl];
+                mm(
+                    &mut ds,
+                    sl,
+                    View::rows(&go, hd),
+                    View::t(vf, hd),
+                    (rows, sl, hd),
+                    false,
+                    false,
+                );
+                for (drow, prow) in ds.chunks_mut(sl).zip(p.chunks(sl)) {
+                    softmax_back_row(drow, prow, scale);
                 }
+                // dQ = dS · K; dK (new rows) = dSᵀ[new keys] · Q.
+                let mut dq = vec![0f32; rows * hd];
+                mm(
+                    &mut dq,
+                    hd,
+                    View::rows(&ds, sl),
+                    View::rows(kf, hd),
+                    (rows, hd, sl),
+                    false,
+                    false,
+                );
+                let mut dk = vec![0f32; len * hd];
+                mm(
+                    &mut dk,
+                    hd,
+                    View::t(&ds[np..], sl),
+                    View::rows(&qs, hd),
+                    (len, hd, rows),
+                    false,
+                    false,
+                );
                 (dq, dk, dv)
             })
             .collect();
@@ -425,10 +418,9 @@ impl FusedBlocks {
         let mut dk = vec![0f32; n * nkv * hd];
         let mut dv = vec![0f32; n * nkv * hd];
         for (&(e, kv), (q, k, v)) in tasks.iter().zip(results) {
+            scatter_heads(&mut dq, &q, off[e], g.real[e].1, nh * hd, kv * rep, rep, hd);
             for i in 0..g.real[e].1 {
                 let row = off[e] + i;
-                let at = row * nh * hd + kv * rep * hd;
-                dq[at..at + rep * hd].copy_from_slice(&q[i * rep * hd..(i + 1) * rep * hd]);
                 let at = row * nkv * hd + kv * hd;
                 dk[at..at + hd].copy_from_slice(&k[i * hd..(i + 1) * hd]);
                 dv[at..at + hd].copy_from_slice(&v[i * hd..(i + 1) * hd]);
@@ -459,6 +451,47 @@ impl FusedBlocks {
             r += len;
         }
         out
+    }
+}
+
+/// Heads `first .. first + count` of packed rows `row0 .. row0 + len` (row stride `width`),
+/// stacked head by head: `[count·len, hd]`.
+fn gather_heads(
+    x: &[f32],
+    row0: usize,
+    len: usize,
+    width: usize,
+    first: usize,
+    count: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(count * len * hd);
+    for h in first..first + count {
+        for i in row0..row0 + len {
+            let at = i * width + h * hd;
+            out.extend_from_slice(&x[at..at + hd]);
+        }
+    }
+    out
+}
+
+/// The inverse of [`gather_heads`]: writes stacked heads back into packed rows.
+#[allow(clippy::too_many_arguments)]
+fn scatter_heads(
+    x: &mut [f32],
+    stacked: &[f32],
+    row0: usize,
+    len: usize,
+    width: usize,
+    first: usize,
+    count: usize,
+    hd: usize,
+) {
+    for (hi, block) in stacked.chunks(len * hd).take(count).enumerate() {
+        for (i, src) in block.chunks(hd).enumerate() {
+            let at = (row0 + i) * width + (first + hi) * hd;
+            x[at..at + hd].copy_from_slice(src);
+        }
     }
 }
 
