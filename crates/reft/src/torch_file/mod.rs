@@ -9,9 +9,9 @@
 //!
 //! Why our own interpreter: a pickle is a program, and its `GLOBAL`/`REDUCE` opcodes call any
 //! Python callable (`os.system`, `builtins.eval`, …). Such files come from strangers on the
-//! internet, so [`machine`] knows only the containers and the handful of tensor-rebuild calls
-//! these files use, and refuses any other callable by name (nothing is ever called). candle's own
-//! `candle_core::pickle` has no such allow-list.
+//! internet, so the interpreter (`machine.rs`) knows only the containers and the handful of
+//! tensor-rebuild calls these files use, and refuses any other callable by name (nothing is ever
+//! called). candle's own `candle_core::pickle` has no such allow-list.
 //!
 //! [`TorchFile::open`] reads only the pickle and the storage directory; each tensor's bytes are
 //! read when it is asked for, so a model never sits in memory twice.
