@@ -27,6 +27,7 @@ pub mod quant;
 pub mod quickstart;
 pub mod template;
 pub mod tokenizer;
+pub mod torch_file;
 pub mod train;
 pub mod weights;
 

@@ -109,8 +109,9 @@ impl LanguageModel {
         })
     }
 
-    /// Loads a Hugging Face folder: `config.json`, safetensors, `tokenizer.json`,
-    /// `tokenizer_config.json` and `generation_config.json`.
+    /// Loads a Hugging Face folder: `config.json`, safetensors (or `pytorch_model.bin`, see
+    /// [`WeightSource::open_hf_folder`]), `tokenizer.json`, `tokenizer_config.json` and
+    /// `generation_config.json`.
     pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg = DecoderConfig::from_hf_json(&dir.join("config.json"))?;
         let tok_path = dir.join("tokenizer.json");

@@ -1,4 +1,5 @@
-//! Where frozen weights come from: a Hugging Face folder of safetensors, or a GGUF file.
+//! Where frozen weights come from: a Hugging Face folder of safetensors or `pytorch_model.bin`
+//! files, or a GGUF file.
 //!
 //! Model code asks for tensors by their Hugging Face names and expected shapes; this module maps
 //! names to the file's own spelling, dequantizes, converts to the compute dtype, undoes llama.cpp's
@@ -16,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::model::config::Arch;
 use crate::quant::{BlockFormat, QuantWeight};
+use crate::torch_file::TorchFile;
 use crate::{Error, Result};
 
 /// A read-only store of named tensors.
@@ -29,6 +31,47 @@ pub enum WeightSource {
     },
     /// A GGUF file.
     Gguf(GgufFile),
+    /// `torch.save` files of a Hugging Face folder (`pytorch_model.bin` or a sharded index),
+    /// read without executing their pickles.
+    Torch(TorchWeights),
+}
+
+/// The `pytorch_model.bin` files of a folder; each tensor is read from disk when asked for.
+pub struct TorchWeights {
+    files: Vec<TorchFile>,
+    /// Tensor name → index into `files`.
+    by_name: HashMap<String, usize>,
+    /// The folder, for messages.
+    path: PathBuf,
+}
+
+impl TorchWeights {
+    /// Opens `files` (the shards of one checkpoint); a tensor name may occur in one file only.
+    pub fn open(dir: &Path, files: &[PathBuf]) -> Result<Self> {
+        let mut opened = Vec::with_capacity(files.len());
+        let mut by_name = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let file = TorchFile::open(f)?;
+            for name in file.tensor_names() {
+                if by_name.insert(name.to_string(), i).is_some() {
+                    return Err(Error::BadWeights {
+                        path: f.clone(),
+                        msg: format!("tensor `{name}` is also in another shard"),
+                    });
+                }
+            }
+            opened.push(file);
+        }
+        Ok(Self {
+            files: opened,
+            by_name,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    fn file(&self, name: &str) -> Option<&TorchFile> {
+        self.by_name.get(name).map(|&i| &self.files[i])
+    }
 }
 
 /// An opened GGUF file: its metadata and tensor directory, and a reader for tensor data.
@@ -128,38 +171,36 @@ impl GgufFile {
 }
 
 impl WeightSource {
-    /// Opens the safetensors of a Hugging Face folder (`model.safetensors` or the sharded index).
+    /// Opens the weights of a Hugging Face folder: `model.safetensors` or its sharded index,
+    /// else `pytorch_model.bin` or its sharded index (safetensors win when both exist: they
+    /// need no pickle interpreter and can be memory-mapped).
     pub fn open_hf_folder(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
+        let bin = dir.join("pytorch_model.bin");
+        let bin_index = dir.join("pytorch_model.bin.index.json");
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::BadWeights {
-                    path: index.clone(),
-                    msg: format!("bad index JSON: {e}"),
-                })?;
-            let map = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::BadWeights {
-                    path: index.clone(),
-                    msg: "no `weight_map` object".into(),
-                })?;
-            let mut shards: Vec<PathBuf> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|s| dir.join(s))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            shards
+            index_shards(&index, dir)?
+        } else if bin.exists() {
+            return Ok(Self::Torch(TorchWeights::open(dir, &[bin])?));
+        } else if bin_index.exists() {
+            let shards = index_shards(&bin_index, dir)?;
+            return Ok(Self::Torch(TorchWeights::open(dir, &shards)?));
         } else {
+            let other = ["tf_model.h5", "flax_model.msgpack", "model.ckpt.index"]
+                .into_iter()
+                .find(|f| dir.join(f).exists());
+            let mut msg = "no model.safetensors, model.safetensors.index.json, \
+                           pytorch_model.bin or pytorch_model.bin.index.json"
+                .to_string();
+            if let Some(f) = other {
+                msg += &format!(" (only {f}: TensorFlow/Flax weights are not read)");
+            }
             return Err(Error::BadWeights {
                 path: dir.to_path_buf(),
-                msg: "no model.safetensors or model.safetensors.index.json".into(),
+                msg,
             });
         };
         for f in &files {
@@ -182,6 +223,7 @@ impl WeightSource {
         match self {
             Self::Safetensors { path, .. } => path,
             Self::Gguf(g) => &g.path,
+            Self::Torch(t) => &t.path,
         }
     }
 
@@ -192,6 +234,7 @@ impl WeightSource {
             Self::Gguf(g) => {
                 gguf_name(hf_name).is_some_and(|n| g.content.tensor_infos.contains_key(&n))
             }
+            Self::Torch(t) => t.by_name.contains_key(hf_name),
         }
     }
 
@@ -225,6 +268,19 @@ impl WeightSource {
                         msg: format!("tensor `{hf_name}`: {e}"),
                     })?;
                 (hf_name.to_string(), t)
+            }
+            Self::Torch(tw) => {
+                let file = tw.file(hf_name).ok_or_else(|| Error::MissingTensor {
+                    name: hf_name.to_string(),
+                    path: tw.path.clone(),
+                })?;
+                let dims = file.shape(hf_name).unwrap_or_default();
+                if dims != shape {
+                    return Err(self.shape_error(hf_name, shape, dims));
+                }
+                // One tensor at a time, converted below: the file's dtype never lives beside
+                // the compute dtype for more than one tensor.
+                (hf_name.to_string(), file.tensor(hf_name, &ctx.device)?)
             }
             Self::Gguf(g) => {
                 let name = gguf_name(hf_name).ok_or_else(|| Error::MissingTensor {
@@ -299,8 +355,8 @@ pub struct LoadContext {
 }
 
 impl LoadContext {
-    /// A context for models read only from safetensors (GPT-2, BERT-family), where the GGUF
-    /// query/key un-permutation and quantized blocks never apply.
+    /// A context for models read only from Hugging Face folders (GPT-2, BERT-family), where the
+    /// GGUF query/key un-permutation and quantized blocks never apply.
     pub fn safetensors(device: &Device, dtype: DType) -> Self {
         Self {
             device: device.clone(),
@@ -311,6 +367,40 @@ impl LoadContext {
             keep_quantized: false,
         }
     }
+}
+
+/// The shard files a `*.index.json` names, each a plain file name inside `dir`.
+fn index_shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
+    let bad = |msg: String| Error::BadWeights {
+        path: index.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("bad index JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards = Vec::new();
+    for v in map.values() {
+        let name = v
+            .as_str()
+            .ok_or_else(|| bad("a `weight_map` value is not a string".into()))?;
+        // A shard outside the folder (`../x`, `/etc/x`) is not part of the model.
+        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
+            return Err(bad(format!(
+                "shard `{name}` is not a file name inside the folder"
+            )));
+        }
+        shards.push(dir.join(name));
+    }
+    shards.sort();
+    shards.dedup();
+    if shards.is_empty() {
+        return Err(bad("`weight_map` names no shard".into()));
+    }
+    Ok(shards)
 }
 
 /// Validates a safetensors header against the file length, so that a truncated file fails with a

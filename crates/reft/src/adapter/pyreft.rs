@@ -2,7 +2,7 @@
 //!
 //! A folder holds `config.json` (pyvene's `IntervenableConfig`) and one `intkey_<key>.bin` per
 //! intervention: a `torch.save` zip pickle of the intervention's state dict, read with the
-//! allow-listed interpreter in [`super::pickle`], so importing a folder never executes code.
+//! allow-listed interpreter in [`crate::torch_file`], so importing a folder never executes code.
 //!
 //! What pyreft's classes store, and what we turn it into (SPEC §2 names, f32 on CPU):
 //!
