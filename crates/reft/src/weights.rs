@@ -299,7 +299,7 @@ pub struct LoadContext {
 }
 
 impl LoadContext {
-    /// A context for models read only from safetensors (GPT-2, BERT-family), where the GGUF
+    /// A context for models read only from safetensors (BERT-family encoders), where the GGUF
     /// query/key un-permutation and quantized blocks never apply.
     pub fn safetensors(device: &Device, dtype: DType) -> Self {
         Self {
