@@ -2,11 +2,25 @@
 
 use std::process::Command;
 
+#[path = "../../reft/tests/common/gpt2_folder.rs"]
+mod gpt2_folder;
+
 fn reft(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_reft"))
         .args(args)
         .output()
         .expect("run reft")
+}
+
+/// Runs `reft` and checks that it succeeded, showing its stderr if not.
+fn reft_ok(args: &[&str]) -> std::process::Output {
+    let out = reft(args);
+    assert!(
+        out.status.success(),
+        "reft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 #[test]
@@ -570,5 +584,161 @@ fn classify_roberta_head_regression_train_then_eval() {
     assert!(
         err.contains("line 2") && err.contains("not a number"),
         "{err}"
+
+/// A GPT-2 Hugging Face folder (tiny-gpt2 with a stand-in byte-level tokenizer) works like a
+/// Llama one: `generate` prints what the library's greedy generation gives (raw and, through
+/// the ChatML fallback, `--chat`); `train --template raw` trains a LoReFT, reports GPT-2's
+/// parameter count and writes its metrics; the adapter loads for generation; `eval --task
+/// choice` scores as the library does.
+#[test]
+fn gpt2_folder_generates_trains_and_evaluates() {
+    use candle_core::{DType, Device};
+    use reft::generate::{generate, GenerationConfig};
+    use reft::model::NoHooks;
+    let folder = gpt2_folder::tiny_gpt2_folder(&fixtures());
+    let model = folder.path().to_str().unwrap();
+    let lm = reft::LanguageModel::load_hf_folder(folder.path(), &Device::Cpu, DType::F32).unwrap();
+    // What the library's greedy generation prints for these prompt ids.
+    let greedy = |ids: Vec<u32>, n: usize| -> String {
+        let cfg = GenerationConfig {
+            max_new_tokens: n,
+            stop_ids: lm.tokenizer.eos_ids.clone(),
+            ..Default::default()
+        };
+        let out = generate(
+            &lm.decoder,
+            &lm.tokenizer,
+            &[ids],
+            &cfg,
+            &mut NoHooks,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        format!("{}\n", out[0].text)
+    };
+    let prompt = "the cat sat";
+    let g = reft_ok(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "10",
+    ]);
+    let want = greedy(lm.tokenizer.encode(prompt).unwrap(), 10);
+    assert_eq!(String::from_utf8_lossy(&g.stdout), want);
+    let g = reft_ok(&[
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    ]);
+    let chat = lm
+        .chat_template
+        .render(&[reft::template::Message::new("user", "hi")], true)
+        .unwrap();
+    let want = greedy(lm.tokenizer.encode(&chat).unwrap(), 4);
+    assert_eq!(String::from_utf8_lossy(&g.stdout), want);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    let o = reft_ok(&[
+        "train",
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--template",
+        "raw",
+        "--layers",
+        "2",
+        "--rank",
+        "2",
+        "--positions",
+        "l1",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("model params: 249,216"), "{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let cfg = std::fs::read_to_string(out.join("reft_config.json")).unwrap();
+    assert!(cfg.contains("\"architecture\": \"gpt2\""), "{cfg}");
+    reft_ok(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+
+    let items = tmp.path().join("choice.jsonl");
+    let mut lines = String::new();
+    for (q, a) in [("the cat", 0), ("a dog", 1), ("the sun", 2), ("in the", 1)] {
+        let choices = ["sat", "ran", "hat"];
+        lines.push_str(
+            &serde_json::json!({"question": q, "choices": choices, "answer": a}).to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(&items, lines).unwrap();
+    let e = reft_ok(&[
+        "eval",
+        "--model",
+        model,
+        "--task",
+        "choice",
+        "--data",
+        items.to_str().unwrap(),
+    ]);
+    let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let fields = reft::eval::ChoiceFields {
+        question: "question".into(),
+        choices: "choices".into(),
+        answer: "answer".into(),
+    };
+    let read = reft::eval::read_choice_items(&items, &fields).unwrap();
+    let report = reft::eval::evaluate_choice(
+        &lm,
+        &read,
+        reft::eval::ChoiceFormat::Raw,
+        &mut NoHooks,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(line["n"], 4);
+    assert_eq!(
+        line["accuracy"].as_f64().unwrap(),
+        report.accuracy,
+        "{line}"
     );
 }

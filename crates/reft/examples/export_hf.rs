@@ -82,7 +82,7 @@ fn main() -> reft::Result<()> {
         "model_type": if cfg.arch == Arch::Qwen2 { "qwen2" } else { "llama" },
         "hidden_size": d, "intermediate_size": i, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": hd,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
         "bos_token_id": lm.tokenizer.bos_id, "eos_token_id": lm.tokenizer.eos_ids.first(),

@@ -69,7 +69,7 @@ pub enum FinishReason {
     StopId,
     /// A stop string appeared.
     StopString,
-    /// `max_new_tokens` was reached.
+    /// `max_new_tokens` was reached, or the context of a model with learned positions is full.
     Length,
 }
 
@@ -197,6 +197,17 @@ pub fn generate(
     }
     let device = model.device();
     let layout = PaddingLayout::left(prompts);
+    // With learned positions the context is a hard limit: stop there (finish reason Length).
+    let max_new_tokens = match model.context_limit() {
+        Some(n) if layout.width >= n => {
+            return Err(Error::InvalidArgument(format!(
+                "a prompt of {} tokens leaves no room in the model's context of {n} positions",
+                layout.width
+            )))
+        }
+        Some(n) => cfg.max_new_tokens.min(n - layout.width),
+        None => cfg.max_new_tokens,
+    };
     let pad_id = tokenizer
         .pad_id
         .or(tokenizer.eos_ids.first().copied())
@@ -240,7 +251,7 @@ pub fn generate(
         })
         .collect();
     let mut seen: Vec<Vec<u32>> = prompts.to_vec();
-    for step in 0..cfg.max_new_tokens {
+    for step in 0..max_new_tokens {
         let mut next = vec![pad_id; b];
         for i in 0..b {
             if seqs[i].finish.is_some() {
@@ -250,7 +261,7 @@ pub fn generate(
             seen[i].push(tok);
             next[i] = tok;
             advance(&mut seqs[i], tok, tokenizer, cfg, i, on_text)?;
-            if seqs[i].finish.is_none() && step + 1 == cfg.max_new_tokens {
+            if seqs[i].finish.is_none() && step + 1 == max_new_tokens {
                 seqs[i].finish = Some(FinishReason::Length);
                 flush(&mut seqs[i], i, on_text);
             }

@@ -163,6 +163,7 @@ impl LanguageModel {
             .first()
             .copied()
             .or_else(|| token_str("pad_token").and_then(|t| tokenizer.token_to_id(&t)));
+        check_special_ids(dir, &tokenizer, cfg.vocab_size)?;
         let template = match tok_cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: take the default one.
@@ -187,6 +188,27 @@ impl LanguageModel {
             path: dir.to_path_buf(),
         })
     }
+}
+
+/// Fails when a special token id read from the folder's configs has no row in the model's
+/// embedding (a config copied from a larger sibling model): generation would never stop on it
+/// and training would append it to every response.
+fn check_special_ids(dir: &Path, tok: &Tokenizer, vocab: usize) -> Result<()> {
+    let named = tok.eos_ids.iter().map(|&i| ("eos", i));
+    let named = named.chain(tok.bos_id.map(|i| ("bos", i)));
+    let named = named.chain(tok.pad_id.map(|i| ("pad", i)));
+    for (what, id) in named {
+        if id as usize >= vocab {
+            return Err(Error::BadConfig {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "the {what} token id {id} (config.json, generation_config.json or \
+                     tokenizer_config.json) is outside the model's vocabulary of {vocab}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads a JSON file if it exists.
@@ -243,7 +265,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<DecoderConfig> {
         num_kv_heads,
         head_dim,
         vocab_size,
-        rms_norm_eps: g.meta_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        norm_eps: g.meta_f64(&k("attention.layer_norm_rms_epsilon"))?,
         rope_theta: g.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
         tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
         attention_bias: g.content.tensor_infos.contains_key("blk.0.attn_q.bias"),

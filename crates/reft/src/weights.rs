@@ -355,8 +355,8 @@ pub struct LoadContext {
 }
 
 impl LoadContext {
-    /// A context for models read only from Hugging Face folders (GPT-2, BERT-family), where the
-    /// GGUF query/key un-permutation and quantized blocks never apply.
+    /// A context for models read only from Hugging Face folders (BERT-family encoders), where
+    /// the GGUF query/key un-permutation and quantized blocks never apply.
     pub fn safetensors(device: &Device, dtype: DType) -> Self {
         Self {
             device: device.clone(),

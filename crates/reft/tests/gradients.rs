@@ -1,7 +1,8 @@
 //! The backward pass through the backbone: a trainable tensor added to the residual stream at a
-//! middle layer's `block_output` of `tiny-llama` must get the gradient that central finite
-//! differences give, in f64, through every op of the layers above (attention, RoPE, RMSNorm,
-//! SwiGLU, frozen linears, LM head).
+//! middle layer's `block_output` must get the gradient that central finite differences give, in
+//! f64, through every op of the layers above — on `tiny-llama` (attention, RoPE, RMSNorm, SwiGLU,
+//! frozen linears, LM head) and on `tiny-gpt2` (learned positions, LayerNorm, GELU MLP, biases,
+//! tied head).
 
 mod common;
 
@@ -9,19 +10,20 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use rand::{Rng, SeedableRng};
 use reft::model::llama::ForwardInput;
-use reft::model::{Component, Decoder, DecoderConfig, FnHooks, Site};
-use reft::weights::WeightSource;
+use reft::model::{Component, FnHooks, Site};
 
-fn tiny_llama_f64() -> Decoder {
-    let dir = fixtures_dir().join("models/tiny-llama");
-    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let src = WeightSource::open_hf_folder(&dir).unwrap();
-    Decoder::load(&src, cfg, &Device::Cpu, DType::F64, false).unwrap()
+#[test]
+fn block_output_gradient_equals_finite_differences_llama() {
+    block_output_gradient_equals_finite_differences("tiny-llama");
 }
 
 #[test]
-fn block_output_gradient_equals_finite_differences() {
-    let model = tiny_llama_f64();
+fn block_output_gradient_equals_finite_differences_gpt2() {
+    block_output_gradient_equals_finite_differences("tiny-gpt2");
+}
+
+fn block_output_gradient_equals_finite_differences(name: &str) {
+    let model = tiny_decoder(name, DType::F64);
     let layers = model.config().num_layers;
     let layer = layers / 2 - 1; // a middle layer with layers above it
     let d = model.config().hidden_size;
@@ -89,14 +91,23 @@ fn block_output_gradient_equals_finite_differences() {
         );
     }
     eprintln!(
-        "worst relative error over {} coordinates: {worst:.2e}",
+        "{name}: worst relative error over {} coordinates: {worst:.2e}",
         coords.len()
     );
 }
 
 #[test]
-fn frozen_weights_get_no_gradient_and_lower_layers_record_no_graph() {
-    let model = tiny_llama_f64();
+fn frozen_weights_get_no_gradient_and_lower_layers_record_no_graph_llama() {
+    frozen_weights_get_no_gradient_and_lower_layers_record_no_graph("tiny-llama");
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_and_lower_layers_record_no_graph_gpt2() {
+    frozen_weights_get_no_gradient_and_lower_layers_record_no_graph("tiny-gpt2");
+}
+
+fn frozen_weights_get_no_gradient_and_lower_layers_record_no_graph(name: &str) {
+    let model = tiny_decoder(name, DType::F64);
     let dev = Device::Cpu;
     let ids = Tensor::new(&[[5u32, 17, 42, 99]], &dev).unwrap();
     let layer = 2;
@@ -140,25 +151,25 @@ fn frozen_weights_get_no_gradient_and_lower_layers_record_no_graph() {
 }
 
 /// The two-stage backward through the Householder parametrisation gives the raw matrix behind
-/// `R` the gradient that finite differences give (f64, LoReFT on tiny-llama).
+/// `R` the gradient that finite differences give (f64, LoReFT on tiny-llama and tiny-gpt2).
 #[test]
-fn raw_householder_gradient_equals_finite_differences() {
-    use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+fn raw_householder_gradient_equals_finite_differences_llama() {
+    raw_householder_gradient_equals_finite_differences("tiny-llama");
+}
+
+#[test]
+fn raw_householder_gradient_equals_finite_differences_gpt2() {
+    raw_householder_gradient_equals_finite_differences("tiny-gpt2");
+}
+
+fn raw_householder_gradient_equals_finite_differences(name: &str) {
+    use reft::adapter::Adapter;
     use reft::model::{Hooks, PromptLayout};
-    let model = tiny_llama_f64();
+    let model = tiny_decoder(name, DType::F64);
     let dev = Device::Cpu;
-    let spec: AdapterSpec = serde_json::from_str(
-        r#"{"interventions": [{"kind": "loreft", "layers": 1, "rank": 3, "positions": "l2"}]}"#,
-    )
-    .unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(4).unwrap(),
-        template: None,
-        training: None,
-    };
-    let mut adapter = Adapter::init(config, 64, 4, DType::F64, &dev).unwrap();
+    let spec =
+        r#"{"interventions": [{"kind": "loreft", "layers": 1, "rank": 3, "positions": "l2"}]}"#;
+    let mut adapter = adapter_from_spec(&model, spec, 4, DType::F64);
     adapter.set_training(true);
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 7, 3]], &dev).unwrap();
     let labels = vec![vec![-100i64, -100, -100, -100, 7, 3]];

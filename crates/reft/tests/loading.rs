@@ -82,7 +82,7 @@ fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType) {
         ),
         (
             "llama.attention.layer_norm_rms_epsilon",
-            Value::F32(cfg.rms_norm_eps as f32),
+            Value::F32(cfg.norm_eps as f32),
         ),
         ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
         ("llama.context_length", Value::U32(256)),
@@ -202,23 +202,26 @@ fn truncated_gguf_names_the_first_missing_tensor() {
 fn gguf_missing_metadata_and_tensor_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let cfg = DecoderConfig::from_hf_json(&tiny_llama_dir().join("config.json")).unwrap();
+    write_stub_gguf(&path, "llama");
+    let msg = expect_err(gguf_decoder(&path, false), "no metadata").to_string();
+    assert!(msg.contains("llama.embedding_length"), "{msg}");
+}
+
+/// A GGUF file with only an architecture name and a zero `[512, 64]` token embedding.
+fn write_stub_gguf(path: &Path, arch: &str) {
     let t = QTensor::quantize(
-        &Tensor::zeros((cfg.vocab_size, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::zeros((512, 64), DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::F32,
     )
     .unwrap();
-    let arch = gguf_file::Value::String("llama".into());
-    let mut f = std::fs::File::create(&path).unwrap();
+    let arch = gguf_file::Value::String(arch.into());
+    let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(
         &mut f,
         &[("general.architecture", &arch)],
         &[("token_embd.weight", &t)],
     )
     .unwrap();
-    drop(f);
-    let msg = expect_err(gguf_decoder(&path, false), "no metadata").to_string();
-    assert!(msg.contains("llama.embedding_length"), "{msg}");
 }
 
 /// Copies tiny-llama's folder with its safetensors replaced by `tensors`.
@@ -358,4 +361,135 @@ fn bf16_and_f16_weights_become_f32() {
         // Rounding the weights to 8 (bf16) or 11 (f16) mantissa bits moves logits a little.
         assert!(err > 0.0 && err < 0.05, "{dt:?}: {err}");
     }
+}
+
+/// Every parameter of the tiny checkpoints is counted once: the sum of their safetensors'
+/// elements (tiny-gpt2: 249,216 with its head tied to `wte`; tiny-llama's head is untied).
+#[test]
+fn num_parameters_equal_the_checkpoint_sizes() {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+        let file = fixtures_dir()
+            .join("models")
+            .join(name)
+            .join("model.safetensors");
+        let total: usize = candle_core::safetensors::load(file, &Device::Cpu)
+            .unwrap()
+            .values()
+            .map(Tensor::elem_count)
+            .sum();
+        assert_eq!(
+            tiny_decoder(name, DType::F32).num_parameters(),
+            total,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        tiny_decoder("tiny-gpt2", DType::F32).num_parameters(),
+        249_216
+    );
+}
+
+/// tiny-gpt2's config with some keys replaced, written to a temporary folder.
+fn gpt2_config_with(edits: serde_json::Value) -> (tempfile::TempDir, PathBuf) {
+    let src = fixtures_dir().join("models/tiny-gpt2/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    for (k, v) in edits.as_object().unwrap() {
+        json[k] = v.clone();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn gpt2_config_is_read_and_unsupported_variants_are_named() {
+    let cfg =
+        DecoderConfig::from_hf_json(&fixtures_dir().join("models/tiny-gpt2/config.json")).unwrap();
+    assert_eq!(cfg.arch, reft::model::Arch::Gpt2);
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.head_dim),
+        (64, 4, 4, 16)
+    );
+    // `n_inner: null` means 4 × n_embd.
+    assert_eq!(cfg.intermediate_size, 256);
+    assert_eq!(cfg.max_position_embeddings, 256);
+    assert_eq!(cfg.norm_eps, 1e-5);
+    assert!(cfg.tie_word_embeddings && cfg.attention_bias);
+
+    let (_d, path) = gpt2_config_with(serde_json::json!({"n_inner": 100}));
+    assert_eq!(
+        DecoderConfig::from_hf_json(&path)
+            .unwrap()
+            .intermediate_size,
+        100
+    );
+    for (edit, want) in [
+        (
+            serde_json::json!({"activation_function": "relu"}),
+            "activation_function `relu` is not supported",
+        ),
+        (
+            serde_json::json!({"scale_attn_by_inverse_layer_idx": true}),
+            "attention scaling",
+        ),
+        (
+            serde_json::json!({"n_head": 5}),
+            "not a multiple of n_head 5",
+        ),
+        (serde_json::json!({"n_embd": null}), "not a GPT-2 config"),
+    ] {
+        let (_d, path) = gpt2_config_with(edit);
+        let msg = expect_err(DecoderConfig::from_hf_json(&path), want).to_string();
+        assert!(msg.contains(want) && msg.contains("config.json"), "{msg}");
+    }
+}
+
+/// GGUF GPT-2 is not supported: a GGUF file of architecture `gpt2` and GPT-2 weights asked of a
+/// GGUF source are both refused with a message, never loaded wrongly.
+#[test]
+fn gpt2_from_gguf_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt2.gguf");
+    write_stub_gguf(&path, "gpt2");
+    let msg = expect_err(gguf_decoder(&path, false), "gpt2 GGUF").to_string();
+    assert!(
+        msg.contains("GGUF architecture `gpt2` is not supported"),
+        "{msg}"
+    );
+
+    let cfg =
+        DecoderConfig::from_hf_json(&fixtures_dir().join("models/tiny-gpt2/config.json")).unwrap();
+    let src = WeightSource::Gguf(GgufFile::open(&path).unwrap());
+    let msg = expect_err(
+        Decoder::load(&src, cfg, &Device::Cpu, DType::F32, true),
+        "GPT-2 weights from GGUF",
+    )
+    .to_string();
+    assert!(
+        msg.contains("not GGUF") && msg.contains("gpt2.gguf"),
+        "{msg}"
+    );
+}
+
+/// The upstream tiny-gpt2 configs name eos 50256, past its 512-token vocabulary: loading it as
+/// a language model names the id instead of failing later inside an embedding lookup.
+#[test]
+fn special_id_outside_the_vocabulary_is_named() {
+    let dir = gpt2_folder::tiny_gpt2_folder(&fixtures_dir());
+    std::fs::copy(
+        fixtures_dir().join("models/tiny-gpt2/generation_config.json"),
+        dir.path().join("generation_config.json"),
+    )
+    .unwrap();
+    let msg = expect_err(
+        LanguageModel::load_hf_folder(dir.path(), &Device::Cpu, DType::F32),
+        "eos 50256",
+    )
+    .to_string();
+    assert!(
+        msg.contains("eos token id 50256") && msg.contains("vocabulary of 512"),
+        "{msg}"
+    );
 }

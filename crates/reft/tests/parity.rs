@@ -2,7 +2,7 @@
 //! describes the layout). Cases are discovered from `$REFT_FIXTURES/cases/*.json`; none is named
 //! here.
 //!
-//! Tiny-model cases (Llama, Qwen2, GPT-2 decoders; BERT, RoBERTa classifiers): logits, loss, and
+//! Tiny-model cases (Llama, Qwen2, GPT-2 through the one decoder; BERT, RoBERTa classifiers): logits, loss, and
 //! the gradient of every intervention parameter (for `R`, the gradient w.r.t. the effective `R`)
 //! through the library's own interventions and adapter hooks. A case whose architecture has no
 //! model code fails the test.
@@ -146,9 +146,8 @@ fn tiny_model_cases_match_reference() {
             kinds.insert(iv["kind"].as_str().unwrap().to_string());
         }
         match mt.as_str() {
-            "llama" | "qwen2" | "mistral" => check_decoder_case(&case, &model_dir),
+            "llama" | "qwen2" | "mistral" | "gpt2" => check_decoder_case(&case, &model_dir),
             "bert" | "roberta" => check_encoder_case(&case, &model_dir),
-            "gpt2" => check_gpt2_case(&case, &model_dir),
             other => panic!("{}: no model code for `{other}`", case.name),
         }
         checked.push(case.name.clone());
@@ -160,6 +159,8 @@ fn tiny_model_cases_match_reference() {
     );
 }
 
+/// A causal-LM case (Llama, Qwen2 or GPT-2, all through [`reft::model::Decoder`]): logits,
+/// loss and intervention gradients.
 fn check_decoder_case(case: &Case, model_dir: &Path) {
     let dev = Device::Cpu;
     // The tiny models ship no tokenizer: load the decoder alone.
@@ -221,26 +222,6 @@ fn case_adapter(case: &Case, d: usize, b: usize) -> Adapter {
         .prepare_with_positions(&positions, &vec![0; b])
         .unwrap();
     adapter
-}
-
-/// A GPT-2 causal-LM case: logits, loss and intervention gradients.
-fn check_gpt2_case(case: &Case, model_dir: &Path) {
-    use reft::model::gpt2::{Gpt2, Gpt2Config};
-    let dev = Device::Cpu;
-    let cfg = Gpt2Config::from_hf_json(&model_dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(model_dir).unwrap();
-    let model = Gpt2::load(&src, cfg, &dev, DType::F32).unwrap();
-    let ids = matrix_u32(&case.json["input_ids"]);
-    let mask = matrix_u32(&case.json["attention_mask"]);
-    let labels = matrix_i64(&case.json["labels"]);
-    let (b, t) = (ids.len(), ids[0].len());
-    let ids_t = Tensor::from_vec(ids.concat(), (b, t), &dev).unwrap();
-    let mut adapter = case_adapter(case, model.config().hidden_size, b);
-    let hidden = model.forward(&ids_t, Some(&mask), &mut adapter).unwrap();
-    let logits = model.lm_head(&hidden).unwrap();
-    check_causal_logits(case, &logits, &mask);
-    let loss = causal_lm_loss(&logits, &labels).unwrap();
-    check_loss_and_grads(case, &adapter, &loss);
 }
 
 /// Causal-LM logits `[b, t, vocab]` against the case's, at the real positions of each example.

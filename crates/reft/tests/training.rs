@@ -1,30 +1,24 @@
-//! Training on `tiny-llama`: the prefix cache changes nothing but speed, and an interrupted and
-//! resumed run ends with the same adapter as an uninterrupted one.
+//! Training on `tiny-llama` (and `tiny-gpt2`): the prefix cache changes nothing but speed, and an
+//! interrupted and resumed run ends with the same adapter as an uninterrupted one.
 
 mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+use reft::adapter::Adapter;
 use reft::data::Example;
-use reft::model::{Decoder, DecoderConfig};
 use reft::tokenizer::Tokenizer;
 use reft::train::{AdamWConfig, Event, Schedule, TrainConfig, Trainer};
-use reft::weights::WeightSource;
 use reft::LanguageModel;
 
 /// tiny-llama with a stand-in tokenizer (training never tokenises here: examples are ids).
 fn tiny() -> LanguageModel {
-    let dir = fixtures_dir().join("models/tiny-llama");
-    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let decoder = Decoder::load(
-        &WeightSource::open_hf_folder(&dir).unwrap(),
-        cfg,
-        &Device::Cpu,
-        DType::F32,
-        false,
-    )
-    .unwrap();
+    tiny_lm("tiny-llama")
+}
+
+/// A tiny fixture model with a stand-in tokenizer.
+fn tiny_lm(name: &str) -> LanguageModel {
+    let decoder = tiny_decoder(name, DType::F32);
     let tok_dir = tempfile::tempdir().unwrap();
     let tok_json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"b":1},"unk_token":"a"}}"#;
     std::fs::write(tok_dir.path().join("tokenizer.json"), tok_json).unwrap();
@@ -33,7 +27,7 @@ fn tiny() -> LanguageModel {
         decoder,
         tokenizer,
         chat_template: reft::template::ChatTemplate::new(reft::template::CHATML, "", ""),
-        path: dir,
+        path: fixtures_dir().join("models").join(name),
     }
 }
 
@@ -53,22 +47,7 @@ fn adapter(lm: &LanguageModel, spec: &str) -> Adapter {
 }
 
 fn seeded(lm: &LanguageModel, spec: &str, seed: u64) -> Adapter {
-    let spec: AdapterSpec = serde_json::from_str(spec).unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(lm.decoder.config().num_layers).unwrap(),
-        template: None,
-        training: None,
-    };
-    Adapter::init(
-        config,
-        lm.decoder.config().hidden_size,
-        seed,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    adapter_from_spec(&lm.decoder, spec, seed, DType::F32)
 }
 
 const SPEC: &str = r#"{"interventions": [{"kind": "loreft", "layers": "1;2", "rank": 2, "positions": "f1+l1", "tied": false}]}"#;
@@ -98,30 +77,31 @@ fn losses(t: &Trainer) -> Vec<f64> {
 }
 
 #[test]
-fn prefix_cache_gives_the_same_losses() {
-    let lm = tiny();
-    let mut with = Trainer::new(
-        &lm,
-        adapter(
-            &lm,
-            r#"{"interventions": [{"kind": "loreft", "layers": 2, "rank": 2, "positions": "l1"}]}"#,
-        ),
-        data(),
-        data(),
-        config(true),
-    )
-    .unwrap();
-    let mut without = Trainer::new(
-        &lm,
-        adapter(
-            &lm,
-            r#"{"interventions": [{"kind": "loreft", "layers": 2, "rank": 2, "positions": "l1"}]}"#,
-        ),
-        data(),
-        data(),
-        config(false),
-    )
-    .unwrap();
+fn prefix_cache_gives_the_same_losses_llama() {
+    let a = prefix_cache_gives_the_same_losses("tiny-llama");
+    assert!(
+        a.last().unwrap() < a.first().unwrap(),
+        "the loss did not go down: {a:?}"
+    );
+}
+
+/// GPT-2 through the composed ops: its learned positions must follow the cached prefix's
+/// offset exactly as RoPE positions do.
+#[test]
+fn prefix_cache_gives_the_same_losses_gpt2() {
+    prefix_cache_gives_the_same_losses("tiny-gpt2");
+}
+
+/// Trains the same LoReFT with and without the prefix cache: the same loss at every step, and
+/// a lower loss on the (fixed) evaluation set after training than before. Returns the step
+/// losses.
+fn prefix_cache_gives_the_same_losses(name: &str) -> Vec<f64> {
+    let lm = tiny_lm(name);
+    let spec =
+        r#"{"interventions": [{"kind": "loreft", "layers": 2, "rank": 2, "positions": "l1"}]}"#;
+    let mut with = Trainer::new(&lm, adapter(&lm, spec), data(), data(), config(true)).unwrap();
+    let mut without = Trainer::new(&lm, adapter(&lm, spec), data(), data(), config(false)).unwrap();
+    let before = with.eval_loss().unwrap().unwrap();
     with.run(&mut |_| {}, &|| false).unwrap();
     without.run(&mut |_| {}, &|| false).unwrap();
     let (a, b) = (losses(&with), losses(&without));
@@ -129,10 +109,13 @@ fn prefix_cache_gives_the_same_losses() {
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
     }
+    let after = with.eval_loss().unwrap().unwrap();
+    eprintln!("{name}: evaluation loss {before:.4} before training, {after:.4} after");
     assert!(
-        a.last().unwrap() < a.first().unwrap(),
-        "the loss did not go down: {a:?}"
+        after < before,
+        "{name}: the evaluation loss did not go down: {before} → {after}"
     );
+    a
 }
 
 #[test]
@@ -217,8 +200,20 @@ fn an_empty_dataset_is_an_error() {
 /// same adapter: same losses step by step, with interventions at two layers so that the fused
 /// run is split around the upper one.
 #[test]
-fn fused_kernels_and_composed_ops_train_alike() {
-    let lm = tiny();
+fn fused_kernels_and_composed_ops_train_alike_llama() {
+    fused_kernels_and_composed_ops_train_alike("tiny-llama");
+}
+
+/// GPT-2's layers always take the composed ops; only the LM-head loss kernel differs.
+#[test]
+fn fused_kernels_and_composed_ops_train_alike_gpt2() {
+    let lm = tiny_lm("tiny-gpt2");
+    assert!(!lm.decoder.runs_fused_layers());
+    fused_kernels_and_composed_ops_train_alike("tiny-gpt2");
+}
+
+fn fused_kernels_and_composed_ops_train_alike(name: &str) {
+    let lm = tiny_lm(name);
     let mut runs = Vec::new();
     for fused in [true, false] {
         lm.decoder.set_fused_layers(fused);

@@ -89,7 +89,8 @@ pub struct Args {
     /// Dropout on the edit.
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// Longest sequence in tokens.
+    /// Longest sequence in tokens (default: no limit, or the context of a model with learned
+    /// positions such as GPT-2).
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Seed (data order, initialisation).
@@ -326,10 +327,15 @@ pub fn run(mut a: Args) -> Result<()> {
             .unwrap_or_else(|| "response".into()),
         ..Default::default()
     };
+    // A model with learned positions (GPT-2) cannot read past its table: cap the length there.
+    let max_length = match (a.max_length, lm.decoder.context_limit()) {
+        (Some(m), Some(n)) => Some(m.min(n)),
+        (m, n) => m.or(n),
+    };
     let tok = TokenizeOptions {
         template: p.template,
         add_eos: true,
-        max_length: a.max_length,
+        max_length,
     };
     let (mut train, truncated) = examples(&lm, &data, &fields, &tok)?;
     let eval = match (&a.eval_data, a.eval_fraction) {
@@ -344,7 +350,10 @@ pub fn run(mut a: Args) -> Result<()> {
         (None, None) => Vec::new(),
     };
     if truncated > 0 {
-        eprintln!("{truncated} example(s) were truncated to --max-length");
+        eprintln!(
+            "{truncated} example(s) were truncated to {} tokens (--max-length, or the model's context)",
+            max_length.unwrap_or_default()
+        );
     }
     train_adapter(&lm, p, train, eval, a.resume.as_deref())?;
     Ok(())

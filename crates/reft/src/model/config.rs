@@ -6,8 +6,9 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// Which decoder family a model belongs to. Both share one implementation; they differ only in
-/// the attention biases and in how GGUF files store the query/key weights.
+/// Which decoder family a model belongs to. All share one implementation ([`super::Decoder`]):
+/// Llama and Qwen2 differ only in the attention biases and in how GGUF files store the
+/// query/key weights; GPT-2 swaps the layer's pieces (see [`Arch::Gpt2`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
@@ -15,16 +16,27 @@ pub enum Arch {
     Llama,
     /// Qwen2: biases on the query, key and value projections.
     Qwen2,
+    /// GPT-2: LayerNorm with bias instead of RMSNorm, learned absolute positions instead of
+    /// RoPE, a GELU (tanh approximation) MLP instead of SwiGLU, biases on every projection.
+    Gpt2,
 }
 
-/// Hyper-parameters of a Llama-family decoder.
+impl Arch {
+    /// Whether positions enter through rotary embeddings of queries and keys (otherwise, as in
+    /// GPT-2, through a learned table added to the token embeddings).
+    pub fn rotary(self) -> bool {
+        self != Arch::Gpt2
+    }
+}
+
+/// Hyper-parameters of a decoder.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DecoderConfig {
     /// Architecture family.
     pub arch: Arch,
     /// Width of the residual stream, `d`.
     pub hidden_size: usize,
-    /// Width of the SwiGLU hidden layer.
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
     /// Number of transformer blocks.
     pub num_layers: usize,
@@ -36,15 +48,15 @@ pub struct DecoderConfig {
     pub head_dim: usize,
     /// Vocabulary size.
     pub vocab_size: usize,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// RoPE base frequency.
+    /// Epsilon of the norms (RMSNorm; LayerNorm for GPT-2).
+    pub norm_eps: f64,
+    /// RoPE base frequency (unused with learned positions).
     pub rope_theta: f64,
     /// Whether the LM head reuses the token embedding.
     pub tie_word_embeddings: bool,
     /// Whether q/k/v projections carry biases.
     pub attention_bias: bool,
-    /// Longest context the model was trained for.
+    /// Longest context the model was trained for (with learned positions, a hard limit).
     pub max_position_embeddings: usize,
     /// Llama-3 style RoPE frequency scaling, if any.
     pub rope_scaling: Option<Llama3RopeScaling>,
@@ -91,14 +103,21 @@ impl DecoderConfig {
             path: path.to_path_buf(),
             msg,
         };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a JSON file: {e}")))?;
+        if json.get("model_type").and_then(|t| t.as_str()) == Some("gpt2") {
+            let cfg = gpt2_config(json).map_err(bad)?;
+            cfg.validate().map_err(bad)?;
+            return Ok(cfg);
+        }
         let hf: HfConfig =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not a decoder config: {e}")))?;
+            serde_json::from_value(json).map_err(|e| bad(format!("not a decoder config: {e}")))?;
         let arch = match hf.model_type.as_deref() {
             Some("llama") | Some("mistral") => Arch::Llama,
             Some("qwen2") => Arch::Qwen2,
             other => {
                 return Err(bad(format!(
-                    "model_type {other:?} is not supported (llama, mistral, qwen2)"
+                    "model_type {other:?} is not supported (llama, mistral, qwen2, gpt2)"
                 )))
             }
         };
@@ -136,7 +155,7 @@ impl DecoderConfig {
                 .head_dim
                 .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             vocab_size: hf.vocab_size,
-            rms_norm_eps: hf.rms_norm_eps,
+            norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
@@ -158,12 +177,73 @@ impl DecoderConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if self.arch.rotary() && !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if !self.arch.rotary() && self.num_heads * self.head_dim != self.hidden_size {
+            return Err(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.hidden_size, self.num_heads
+            ));
         }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return Err("layer count, hidden size and vocabulary must be positive".into());
         }
         Ok(())
     }
+}
+
+/// GPT-2's `config.json` (`GPT2LMHeadModel`), whose keys differ from the Llama family's.
+#[derive(Deserialize)]
+struct HfGpt2Config {
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    n_positions: Option<usize>,
+    vocab_size: usize,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+    tie_word_embeddings: Option<bool>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    add_cross_attention: Option<bool>,
+}
+
+/// A GPT-2 configuration, or why it cannot be run. Defaults are `transformers`' `GPT2Config`.
+fn gpt2_config(json: serde_json::Value) -> std::result::Result<DecoderConfig, String> {
+    let hf: HfGpt2Config =
+        serde_json::from_value(json).map_err(|e| format!("not a GPT-2 config: {e}"))?;
+    // The three spellings of GELU's tanh approximation; candle's `gelu` is exactly it.
+    match hf.activation_function.as_deref() {
+        None | Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => {}
+        Some(other) => {
+            return Err(format!(
+                "activation_function `{other}` is not supported \
+                 (gelu_new, gelu_pytorch_tanh, gelu_fast)"
+            ))
+        }
+    }
+    if hf.scale_attn_weights == Some(false) || hf.scale_attn_by_inverse_layer_idx == Some(true) {
+        return Err("only the standard 1/sqrt(head_dim) attention scaling is supported".into());
+    }
+    if hf.add_cross_attention == Some(true) {
+        return Err("GPT-2 with cross-attention is not supported".into());
+    }
+    Ok(DecoderConfig {
+        arch: Arch::Gpt2,
+        hidden_size: hf.n_embd,
+        intermediate_size: hf.n_inner.unwrap_or(4 * hf.n_embd),
+        num_layers: hf.n_layer,
+        num_heads: hf.n_head,
+        num_kv_heads: hf.n_head,
+        head_dim: hf.n_embd / hf.n_head.max(1),
+        vocab_size: hf.vocab_size,
+        norm_eps: hf.layer_norm_epsilon.unwrap_or(1e-5),
+        rope_theta: 10_000.0,
+        tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(true),
+        attention_bias: true,
+        max_position_embeddings: hf.n_positions.unwrap_or(1024),
+        rope_scaling: None,
+    })
 }

@@ -123,7 +123,7 @@ impl Decoder {
             )));
         }
         let weight = self.lm_head_weight();
-        if self.runs_fused_layers() && hidden.dtype() == DType::F32 && weight.is_contiguous() {
+        if self.fused_kernels_on() && hidden.dtype() == DType::F32 && weight.is_contiguous() {
             let op = HeadLoss {
                 weight: weight.clone(),
                 targets: targets.to_vec(),

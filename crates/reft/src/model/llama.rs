@@ -1,42 +1,25 @@
-//! The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2), written so that
-//! every op between a hook point and the loss has a backward: RMSNorm, half-split RoPE,
-//! grouped-query attention with an explicit mask, SwiGLU MLP, tied or untied LM head.
-//! Tensor names follow `transformers`' `LlamaForCausalLM`.
+//! The decoder every causal LM runs on: the Llama family (Llama 2/3, SmolLM2, TinyLlama,
+//! Mistral, Qwen2) and GPT-2, written so that every op between a hook point and the loss has a
+//! backward: RMSNorm or LayerNorm, half-split RoPE or learned positions, grouped-query attention
+//! with an explicit mask, SwiGLU or GELU MLP, tied or untied LM head. The per-family pieces and
+//! their tensor names are in [`super::blocks`].
 
 use candle_core::{DType, Device, Tensor, D};
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use super::config::DecoderConfig;
+use super::blocks::{Attention, Mlp, Norm, Weights};
+use super::config::{Arch, DecoderConfig};
 use super::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use super::{run_hook, Component, Hooks, KvCache, Site, SiteContext};
-use crate::ops::{rms_norm, softmax_last_dim, FrozenLinear, FusedLinears};
+use crate::ops::softmax_last_dim;
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
 
 /// Added to the attention scores of masked keys. Finite, so a fully masked row (a padding query)
 /// gives a uniform distribution instead of NaN.
 const MASKED: f64 = -1e30;
-
-struct Attention {
-    /// q, k and v projections.
-    qkv: FusedLinears,
-    o: FrozenLinear,
-}
-
-struct Mlp {
-    /// Gate and up projections.
-    gate_up: FusedLinears,
-    down: FrozenLinear,
-}
-
-struct Layer {
-    input_norm: Tensor,
-    post_attention_norm: Tensor,
-    attn: Attention,
-    mlp: Mlp,
-}
 
 /// One forward pass's inputs.
 #[derive(Debug, Clone, Copy)]
@@ -46,8 +29,8 @@ pub struct ForwardInput<'a> {
     /// Per sequence, 1 for a real token and 0 for padding, over the cached tokens followed by
     /// this pass's tokens. `None`: every token is real.
     pub attention_mask: Option<&'a [Vec<u32>]>,
-    /// Per sequence, the RoPE position of each of this pass's tokens. `None`: the cache length
-    /// plus the column index (right padding or no padding).
+    /// Per sequence, the position (RoPE, or row of the learned table) of each of this pass's
+    /// tokens. `None`: the cache length plus the column index (right padding or no padding).
     pub position_ids: Option<&'a [Vec<u32>]>,
     /// Start at the input of this layer with these hidden states `[batch, seq, d]` instead of
     /// embedding `input_ids` (whose shape still gives batch and length). Used to skip frozen
@@ -68,14 +51,19 @@ impl<'a> ForwardInput<'a> {
     }
 }
 
-/// A frozen Llama-family decoder.
+/// How token positions enter the model.
+enum Positions {
+    /// Rotary embeddings of queries and keys, with these inverse frequencies.
+    Rotary(Vec<f64>),
+    /// A learned table `[max_positions, d]` added to the token embeddings.
+    Learned(Tensor),
+}
+
+/// A frozen decoder (Llama family or GPT-2).
 pub struct Decoder {
     cfg: DecoderConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: FrozenLinear,
-    inv_freq: Vec<f64>,
+    w: Weights,
+    positions: Positions,
     device: Device,
     dtype: DType,
     /// Whether training passes run hook-free layers as one fused op (see [`super::fused`]).
@@ -103,64 +91,15 @@ impl Decoder {
             num_kv_heads: cfg.num_kv_heads,
             keep_quantized,
         };
-        let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
-        let get = |name: &str, shape: &[usize]| source.get(name, shape, &ctx);
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<FrozenLinear> {
-            let (w, q) = source.get_linear(&format!("{name}.weight"), &[out, inp], &ctx)?;
-            let b = if bias {
-                Some(get(&format!("{name}.bias"), &[out])?)
-            } else {
-                None
-            };
-            Ok(FrozenLinear::new(w, b).with_quant(q))
+        let w = Weights::load(source, &cfg, &ctx)?;
+        let positions = match &w.positions {
+            Some(table) => Positions::Learned(table.clone()),
+            None => Positions::Rotary(inverse_frequencies(&cfg)),
         };
-        let (embed, embed_q) =
-            source.get_linear("model.embed_tokens.weight", &[cfg.vocab_size, d], &ctx)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let bias = cfg.attention_bias;
-            layers.push(Layer {
-                input_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
-                post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                attn: Attention {
-                    qkv: FusedLinears::new(vec![
-                        linear(&format!("{p}.self_attn.q_proj"), nh * hd, d, bias)?,
-                        linear(&format!("{p}.self_attn.k_proj"), nkv * hd, d, bias)?,
-                        linear(&format!("{p}.self_attn.v_proj"), nkv * hd, d, bias)?,
-                    ])?,
-                    o: linear(&format!("{p}.self_attn.o_proj"), d, nh * hd, false)?,
-                },
-                mlp: Mlp {
-                    gate_up: FusedLinears::new(vec![
-                        linear(&format!("{p}.mlp.gate_proj"), i, d, false)?,
-                        linear(&format!("{p}.mlp.up_proj"), i, d, false)?,
-                    ])?,
-                    down: linear(&format!("{p}.mlp.down_proj"), d, i, false)?,
-                },
-            });
-        }
-        let norm = get("model.norm.weight", &[d])?;
-        // Some tied checkpoints still carry a copy of the head; a missing head means tied.
-        let tied = FrozenLinear::new(embed.clone(), None).with_quant(embed_q);
-        let lm_head = if !cfg.tie_word_embeddings || source.contains("lm_head.weight") {
-            match linear("lm_head", cfg.vocab_size, d, false) {
-                Ok(head) => head,
-                Err(Error::MissingTensor { .. }) if cfg.tie_word_embeddings => tied,
-                Err(e) => return Err(e),
-            }
-        } else {
-            tied
-        };
-        let inv_freq = inverse_frequencies(&cfg);
         Ok(Self {
             cfg,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
+            w,
+            positions,
             device: device.clone(),
             dtype,
             fused_layers: AtomicBool::new(true),
@@ -170,21 +109,16 @@ impl Decoder {
 
     /// Number of model parameters (a tied head counted once, as PyTorch counts them).
     pub fn num_parameters(&self) -> usize {
-        let c = &self.cfg;
-        let (d, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let bias = if c.attention_bias {
-            (c.num_heads + 2 * c.num_kv_heads) * hd
-        } else {
-            0
-        };
-        let attn = d * c.num_heads * hd * 2 + d * c.num_kv_heads * hd * 2 + bias;
-        let layer = attn + 3 * d * i + 2 * d;
-        let head = if c.tie_word_embeddings {
-            0
-        } else {
-            c.vocab_size * d
-        };
-        c.vocab_size * d + c.num_layers * layer + d + head
+        self.w.num_parameters()
+    }
+
+    /// The most tokens a sequence may have, where that is a hard limit: the rows of a learned
+    /// position table (GPT-2). `None` with RoPE, which has no table to run out of.
+    pub fn context_limit(&self) -> Option<usize> {
+        match self.positions {
+            Positions::Learned(_) => Some(self.cfg.max_position_embeddings),
+            Positions::Rotary(_) => None,
+        }
     }
 
     /// The configuration.
@@ -197,15 +131,22 @@ impl Decoder {
         &self.device
     }
 
-    /// Turns the fused training path for hook-free layers on (the default) or off. Both give
-    /// the same losses and gradients; off, every op is a candle op (slower).
+    /// Turns the fused training kernels (hook-free layers, LM-head loss) on (the default) or
+    /// off. Both give the same losses and gradients; off, every op is a candle op (slower).
     pub fn set_fused_layers(&self, on: bool) {
         self.fused_layers
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether passes with a graph take the fused path (on, f32, CPU).
+    /// Whether passes with a graph take the fused path for hook-free layers (on, f32, CPU, and
+    /// a Llama-family model: the fused kernels know RMSNorm, RoPE and SwiGLU only, so GPT-2
+    /// trains through the composed ops).
     pub fn runs_fused_layers(&self) -> bool {
+        self.fused_kernels_on() && self.cfg.arch != Arch::Gpt2
+    }
+
+    /// Whether the fused CPU kernels that serve every family (the LM-head loss) are used.
+    pub(crate) fn fused_kernels_on(&self) -> bool {
         self.fused_layers.load(std::sync::atomic::Ordering::Relaxed)
             && self.dtype == DType::F32
             && self.device.is_cpu()
@@ -238,20 +179,16 @@ impl Decoder {
             }
         }
         let ctx = SiteContext { past_len: past };
-        let (cos, sin) = self.rope_tables(b, t, past, input.position_ids)?;
+        let pos = self.position_ids(b, t, past, input.position_ids)?;
+        let rope = match &self.positions {
+            Positions::Rotary(inv_freq) => Some(self.rope_tables(b, t, &pos, inv_freq)?),
+            Positions::Learned(_) => None,
+        };
         let mask = self.attention_mask(b, t, past, input.attention_mask)?;
 
         let (first_layer, mut h) = match input.start {
             Some((layer, h)) => (layer, h.clone()),
-            None => {
-                let ids = input.input_ids.flatten_all()?;
-                (
-                    0,
-                    self.embed
-                        .index_select(&ids, 0)?
-                        .reshape((b, t, self.cfg.hidden_size))?,
-                )
-            }
+            None => (0, self.embed(input.input_ids, &pos)?),
         };
         let mut hook = |layer: usize, c: Component, h: Tensor| -> Result<Tensor> {
             run_hook(hooks, &sites, &ctx, Site::new(layer, c), h)
@@ -264,6 +201,7 @@ impl Decoder {
         let fused = self.runs_fused_layers() && h.dtype() == DType::F32;
         let mut geo: Option<Option<Arc<Geometry>>> = None;
         let n_layers = self.cfg.num_layers;
+        let eps = self.cfg.norm_eps;
         let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
         let inner_hooks =
             |l: usize| at(l, Component::AttentionOutput) || at(l, Component::MlpOutput);
@@ -271,7 +209,7 @@ impl Decoder {
         while l < n_layers {
             h = hook(l, Component::BlockInput, h)?;
             if fused && h.track_op() && geo.is_none() {
-                geo = Some(self.fused_geometry(b, t, past, input.attention_mask, &cos, &sin)?);
+                geo = Some(self.fused_geometry(b, t, past, input.attention_mask, rope.as_ref())?);
             }
             if let Some(geo) = geo
                 .as_ref()
@@ -292,29 +230,25 @@ impl Decoder {
                 l = end;
                 continue;
             }
-            let layer = &self.layers[l];
-            let x = rms_norm(&h, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            let layer = &self.w.layers[l];
+            let x = layer.input_norm.forward(&h, eps)?;
             let kv = cache.as_deref_mut().map(|c| (c, l));
-            let a = self.attention(&layer.attn, &x, &cos, &sin, mask.as_ref(), kv)?;
+            let a = self.attention(&layer.attn, &x, rope.as_ref(), mask.as_ref(), kv)?;
             let a = hook(l, Component::AttentionOutput, a)?;
             h = (h + a)?;
-            let x = rms_norm(&h, &layer.post_attention_norm, self.cfg.rms_norm_eps)?;
-            let gate_up = layer.mlp.gate_up.forward(&x)?;
-            let m = layer
-                .mlp
-                .down
-                .forward(&(gate_up[0].silu()? * &gate_up[1])?)?;
+            let x = layer.post_attention_norm.forward(&h, eps)?;
+            let m = layer.mlp.forward(&x)?;
             let m = hook(l, Component::MlpOutput, m)?;
             h = (h + m)?;
             h = hook(l, Component::BlockOutput, h)?;
             l += 1;
         }
-        rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        self.w.norm.forward(&h, eps)
     }
 
     /// Applies the LM head to final hidden states `[…, d]`, giving logits `[…, vocab]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        self.w.lm_head.forward(hidden)
     }
 
     /// The LM-head loss's reusable buffer.
@@ -324,15 +258,37 @@ impl Decoder {
 
     /// The LM head's weight `[vocab, d]`.
     pub(crate) fn lm_head_weight(&self) -> &Tensor {
-        self.lm_head.weight()
+        self.w.lm_head.weight()
+    }
+
+    /// Token embeddings of `ids` `[b, t]`, plus the learned position embeddings of `pos` (one
+    /// per token, row-major) when the model has them.
+    fn embed(&self, ids: &Tensor, pos: &[u32]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let d = self.cfg.hidden_size;
+        let h = self
+            .w
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
+        let Positions::Learned(table) = &self.positions else {
+            return Ok(h);
+        };
+        let rows = table.dim(0)?;
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= rows) {
+            return Err(Error::InvalidArgument(format!(
+                "position {p} is past the model's {rows} learned positions (the context is too long)"
+            )));
+        }
+        let idx = Tensor::from_slice(pos, b * t, &self.device)?;
+        Ok((h + table.index_select(&idx, 0)?.reshape((b, t, d))?)?)
     }
 
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
@@ -342,8 +298,10 @@ impl Decoder {
         let q = qkv[0].reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = qkv[1].reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let v = qkv[2].reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
+            None => (q, k.contiguous()?),
+        };
         let (k, v) = match cache {
             Some((c, l)) => c.append(l, &k, &v.contiguous()?)?,
             None => (k, v.contiguous()?),
@@ -365,16 +323,19 @@ impl Decoder {
     }
 
     /// Where the real rows of each sequence are, for the fused path; `None` when an example's
-    /// real tokens are not contiguous (then the composed path runs).
+    /// real tokens are not contiguous or the model has no RoPE tables (then the composed path
+    /// runs).
     fn fused_geometry(
         &self,
         b: usize,
         t: usize,
         past: usize,
         mask: Option<&[Vec<u32>]>,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
     ) -> Result<Option<Arc<Geometry>>> {
+        let Some((cos, sin)) = rope else {
+            return Ok(None);
+        };
         let (mut real, mut prefix) = (Vec::with_capacity(b), Vec::with_capacity(b));
         for bi in 0..b {
             let visible = |j: usize| mask.is_none_or(|m| m[bi][j] != 0);
@@ -403,7 +364,7 @@ impl Decoder {
             nh: self.cfg.num_heads,
             nkv: self.cfg.num_kv_heads,
             hd,
-            eps: self.cfg.rms_norm_eps as f32,
+            eps: self.cfg.norm_eps as f32,
             past,
             real,
             prefix,
@@ -424,15 +385,26 @@ impl Decoder {
         let mut layers = Vec::with_capacity(range.len());
         let mut prefix_kv = Vec::with_capacity(range.len());
         for l in range.clone() {
-            let layer = &self.layers[l];
+            let layer = &self.w.layers[l];
+            let (Norm::Rms(in_norm), Norm::Rms(post_norm), Mlp::SwiGlu { gate_up, down }, None) = (
+                &layer.input_norm,
+                &layer.post_attention_norm,
+                &layer.mlp,
+                layer.attn.o.bias(),
+            ) else {
+                return Err(Error::InvalidArgument(format!(
+                    "the fused layers do not support {:?} models",
+                    self.cfg.arch
+                )));
+            };
             layers.push(LayerWeights {
-                in_norm: layer.input_norm.contiguous()?,
-                post_norm: layer.post_attention_norm.contiguous()?,
+                in_norm: in_norm.contiguous()?,
+                post_norm: post_norm.contiguous()?,
                 qkv: layer.attn.qkv.weight().contiguous()?,
                 qkv_bias: layer.attn.qkv.bias().cloned(),
                 o: layer.attn.o.weight().contiguous()?,
-                gate_up: layer.mlp.gate_up.weight().contiguous()?,
-                down: layer.mlp.down.weight().contiguous()?,
+                gate_up: gate_up.weight().contiguous()?,
+                down: down.weight().contiguous()?,
             });
             let pkv = match (geo.past, cache.as_deref()) {
                 (0, _) => None,
@@ -516,36 +488,46 @@ impl Decoder {
         Ok(Some(m))
     }
 
-    /// cos/sin tables `[b, 1, t, head_dim]` for this pass's positions.
-    fn rope_tables(
+    /// Each token's position, row-major `[b·t]`: `positions` when given, else the cache length
+    /// plus the column index.
+    fn position_ids(
         &self,
         b: usize,
         t: usize,
         past: usize,
         positions: Option<&[Vec<u32>]>,
-    ) -> Result<(Tensor, Tensor)> {
-        if let Some(p) = positions {
-            if p.len() != b || p.iter().any(|row| row.len() != t) {
-                return Err(Error::InvalidArgument(format!(
-                    "position ids must be [{b}][{t}]"
-                )));
-            }
+    ) -> Result<Vec<u32>> {
+        match positions {
+            Some(p) if p.len() != b || p.iter().any(|row| row.len() != t) => Err(
+                Error::InvalidArgument(format!("position ids must be [{b}][{t}]")),
+            ),
+            Some(p) => Ok(p.concat()),
+            None => Ok((0..b)
+                .flat_map(|_| (0..t).map(move |ti| (past + ti) as u32))
+                .collect()),
         }
+    }
+
+    /// cos/sin tables `[b, 1, t, head_dim]` for the positions `pos` (`[b·t]`).
+    fn rope_tables(
+        &self,
+        b: usize,
+        t: usize,
+        pos: &[u32],
+        inv_freq: &[f64],
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.cfg.head_dim / 2;
         let hd = self.cfg.head_dim;
         let mut cos = vec![0f64; b * t * hd];
         let mut sin = vec![0f64; b * t * hd];
-        for bi in 0..b {
-            for ti in 0..t {
-                let pos = positions.map_or((past + ti) as f64, |p| p[bi][ti] as f64);
-                let base = (bi * t + ti) * hd;
-                for (i, f) in self.inv_freq.iter().enumerate() {
-                    let (s, c) = (pos * f).sin_cos();
-                    cos[base + i] = c;
-                    cos[base + i + half] = c;
-                    sin[base + i] = s;
-                    sin[base + i + half] = s;
-                }
+        for (row, &p) in pos.iter().enumerate() {
+            let base = row * hd;
+            for (i, f) in inv_freq.iter().enumerate() {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos[base + i] = c;
+                cos[base + i + half] = c;
+                sin[base + i] = s;
+                sin[base + i + half] = s;
             }
         }
         let mk = |v: Vec<f64>| -> Result<Tensor> {

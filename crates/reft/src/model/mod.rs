@@ -8,10 +8,10 @@
 //! only when one of its inputs carries a variable.
 
 pub mod bert;
+mod blocks;
 pub mod config;
 mod cpu_math;
 mod fused;
-pub mod gpt2;
 mod head_loss;
 pub mod kv_cache;
 pub mod llama;

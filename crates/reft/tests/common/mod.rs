@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gpt2_folder;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -11,6 +13,43 @@ pub fn fixtures_dir() -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
     }
+}
+
+/// A tiny fixture decoder (`tiny-llama`, `tiny-qwen2`, `tiny-gpt2`) on the CPU in `dtype`; the
+/// tiny folders ship no tokenizer, so the decoder alone.
+pub fn tiny_decoder(name: &str, dtype: DType) -> reft::model::Decoder {
+    let dir = fixtures_dir().join("models").join(name);
+    let cfg = reft::model::DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let src = reft::weights::WeightSource::open_hf_folder(&dir).unwrap();
+    reft::model::Decoder::load(&src, cfg, &Device::Cpu, dtype, false).unwrap()
+}
+
+/// A freshly initialised adapter for `decoder` from an adapter-spec JSON
+/// (`{"interventions": [...]}`), seeded, its parameters in `dtype`, on the CPU.
+pub fn adapter_from_spec(
+    decoder: &reft::model::Decoder,
+    spec: &str,
+    seed: u64,
+    dtype: DType,
+) -> reft::adapter::Adapter {
+    let spec: reft::adapter::AdapterSpec = serde_json::from_str(spec).unwrap();
+    let config = reft::adapter::AdapterConfig {
+        format_version: 1,
+        base_model: None,
+        interventions: spec.expand(decoder.config().num_layers).unwrap(),
+        template: None,
+        training: None,
+    };
+    let d = decoder.config().hidden_size;
+    reft::adapter::Adapter::init(config, d, seed, dtype, &Device::Cpu).unwrap()
+}
+
+/// tiny-gpt2 as a whole language model, from a copy of its folder with a stand-in tokenizer
+/// (see [`gpt2_folder`]); the folder lives as long as the returned guard.
+pub fn tiny_gpt2_lm() -> (tempfile::TempDir, reft::LanguageModel) {
+    let dir = gpt2_folder::tiny_gpt2_folder(&fixtures_dir());
+    let lm = reft::LanguageModel::load_hf_folder(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    (dir, lm)
 }
 
 /// The SmolLM2 GGUF, fetched into the cache on first use.
