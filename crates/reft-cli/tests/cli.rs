@@ -584,6 +584,8 @@ fn classify_roberta_head_regression_train_then_eval() {
     assert!(
         err.contains("line 2") && err.contains("not a number"),
         "{err}"
+    );
+}
 
 /// A GPT-2 Hugging Face folder (tiny-gpt2 with a stand-in byte-level tokenizer) works like a
 /// Llama one: `generate` prints what the library's greedy generation gives (raw and, through
