@@ -295,7 +295,16 @@ impl FusedBlocks {
         let mut attn = vec![0f32; g.rows() * nh * hd];
         let (mut kfs, mut vfs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
         for (&(e, kv), (out, kf, vf, p)) in tasks.iter().zip(results) {
-            scatter_heads(&mut attn, &out, off[e], g.real[e].1, nh * hd, kv * rep, rep, hd);
+            scatter_heads(
+                &mut attn,
+                &out,
+                off[e],
+                g.real[e].1,
+                nh * hd,
+                kv * rep,
+                rep,
+                hd,
+            );
             kfs.push(kf);
             vfs.push(vf);
             ps.push(p);
