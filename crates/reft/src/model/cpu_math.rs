@@ -327,16 +327,31 @@ wide_fn! {
 #[inline(always)]
 fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
+    let (ca, cb, cc) = (
+        a[..n].chunks_exact(16),
+        b[..n].chunks_exact(16),
+        c[..n].chunks_exact(16),
+    );
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder());
     let mut acc = [0f32; 16];
-    let full = n / 16 * 16;
-    for i in (0..full).step_by(16) {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            *acc += f(a[i + j], b[i + j], c[i + j]);
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        // Fixed-size views, so that the lane loop has no bounds checks and vectorises.
+        let (x, y, z): (&[f32; 16], &[f32; 16], &[f32; 16]) = (
+            x.try_into().expect("16 lanes"),
+            y.try_into().expect("16 lanes"),
+            z.try_into().expect("16 lanes"),
+        );
+        for j in 0..16 {
+            acc[j] += f(x[j], y[j], z[j]);
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in full..n {
-        s += f(a[i], b[i], c[i]);
+    for ((&x, &y), &z) in tail {
+        s += f(x, y, z);
     }
     s
 }
