@@ -11,8 +11,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::blocks::Norm;
 use super::{run_hook, Component, Hooks, Site, SiteContext};
-use crate::ops::{layer_norm, softmax_last_dim, FrozenLinear};
+use crate::ops::{softmax_last_dim, FrozenLinear};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
 
@@ -113,26 +114,15 @@ impl EncoderConfig {
     }
 }
 
-pub(crate) struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-}
-
-impl LayerNorm {
-    pub(crate) fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, eps)
-    }
-}
-
 struct Layer {
     q: FrozenLinear,
     k: FrozenLinear,
     v: FrozenLinear,
     attn_out: FrozenLinear,
-    attn_norm: LayerNorm,
+    attn_norm: Norm,
     up: FrozenLinear,
     down: FrozenLinear,
-    out_norm: LayerNorm,
+    out_norm: Norm,
 }
 
 enum Head {
@@ -154,7 +144,7 @@ pub struct Encoder {
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
-    embed_norm: LayerNorm,
+    embed_norm: Norm,
     layers: Vec<Layer>,
     head: Option<Head>,
     head_weights: std::collections::HashMap<&'static str, (Tensor, Tensor)>,
@@ -188,8 +178,8 @@ impl Encoder {
                 Some(get(&format!("{name}.bias"), &[out])?),
             ))
         };
-        let norm = |name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
+        let norm = |name: &str| -> Result<Norm> {
+            Ok(Norm::Layer {
                 weight: get(&format!("{name}.weight"), &[d])?,
                 bias: get(&format!("{name}.bias"), &[d])?,
             })

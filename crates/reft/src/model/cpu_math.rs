@@ -72,11 +72,11 @@ pub(crate) fn mm(
     let by_cols = n >= 64 * parts;
     let along = if by_cols { n } else { m };
     let parts = parts.min(along.div_ceil(16)).max(1);
+    // Blocks of a multiple of 16 columns (one AVX-512 vector) or rows.
+    let step = along.div_ceil(parts).next_multiple_of(16);
     let dst_len = dst.len();
     let dst_ptr = SendPtr(dst.as_mut_ptr());
     let block = |p: usize| {
-        // Blocks of a multiple of 16 columns (one AVX-512 vector) or rows.
-        let step = along.div_ceil(parts).next_multiple_of(16);
         let lo = (p * step).min(along);
         let hi = ((p + 1) * step).min(along);
         if lo == hi {
@@ -419,12 +419,12 @@ mod tests {
     /// Every operand layout the fused kernels use, single-threaded and split over threads,
     /// against a naive triple loop.
     #[test]
-    fn small_and_gemm_products_agree_with_naive_sums() {
+    fn split_and_single_threaded_products_agree_with_naive_sums() {
         let (m, n, k) = (7, 19, 33);
         let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
         let a_data: Vec<f32> = (0..m * k).map(val).collect();
         let b_data: Vec<f32> = (0..k * n).map(|i| val(i + 5)).collect();
-        // (a, b, element accessors) for row-major and transposed storage of each operand.
+        // Row-major and transposed storage of each operand.
         let layouts = [
             (View::rows(&a_data, k), View::rows(&b_data, n)),
             (View::rows(&a_data, k), View::t(&b_data, k)),

@@ -10,6 +10,7 @@
 //! The maths is the composed path's (RMSNorm, half-split RoPE, grouped-query attention with
 //! causal and padding masks, SwiGLU); a test holds the two to the same losses and gradients.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -253,14 +254,13 @@ impl FusedBlocks {
                         vf.extend_from_slice(&pv[at..at + hd]);
                     }
                 }
-                for r in off[e]..off[e] + len {
-                    let at = r * nkv * hd + kv * hd;
-                    kf.extend_from_slice(&k[at..at + hd]);
-                    vf.extend_from_slice(&v[at..at + hd]);
-                }
+                let rows = off[e]..off[e] + len;
+                gather_heads(&mut kf, k, rows.clone(), nkv * hd, kv..kv + 1, hd);
+                gather_heads(&mut vf, v, rows.clone(), nkv * hd, kv..kv + 1, hd);
                 // The group's query heads share these keys: their queries are stacked head by
                 // head (`[rep·len, hd]`) so that scores and mixes are one product each.
-                let qs = gather_heads(q, off[e], len, nh * hd, kv * rep, rep, hd);
+                let mut qs = Vec::with_capacity(rep * len * hd);
+                gather_heads(&mut qs, q, rows, nh * hd, kv * rep..(kv + 1) * rep, hd);
                 let rows = rep * len;
                 let mut p = vec![0f32; rows * s];
                 mm(
@@ -295,16 +295,8 @@ impl FusedBlocks {
         let mut attn = vec![0f32; g.rows() * nh * hd];
         let (mut kfs, mut vfs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
         for (&(e, kv), (out, kf, vf, p)) in tasks.iter().zip(results) {
-            scatter_heads(
-                &mut attn,
-                &out,
-                off[e],
-                g.real[e].1,
-                nh * hd,
-                kv * rep,
-                rep,
-                hd,
-            );
+            let rows = off[e]..off[e] + g.real[e].1;
+            scatter_heads(&mut attn, &out, rows, nh * hd, kv * rep..(kv + 1) * rep, hd);
             kfs.push(kf);
             vfs.push(vf);
             ps.push(p);
@@ -371,8 +363,11 @@ impl FusedBlocks {
                 let (kf, vf) = (&s.kf[ti], &s.vf[ti]);
                 let rows = rep * len;
                 let p = &s.p[ti];
-                let go = gather_heads(d_attn, off[e], len, nh * hd, kv * rep, rep, hd);
-                let qs = gather_heads(&s.q, off[e], len, nh * hd, kv * rep, rep, hd);
+                let (rows_in, heads) = (off[e]..off[e] + len, kv * rep..(kv + 1) * rep);
+                let mut go = Vec::with_capacity(rows * hd);
+                gather_heads(&mut go, d_attn, rows_in.clone(), nh * hd, heads.clone(), hd);
+                let mut qs = Vec::with_capacity(rows * hd);
+                gather_heads(&mut qs, &s.q, rows_in, nh * hd, heads, hd);
                 // dV (new rows) = Σ over the group's heads of Pᵀ[new keys] · dO.
                 let mut dv = vec![0f32; len * hd];
                 mm(
@@ -427,13 +422,17 @@ impl FusedBlocks {
         let mut dk = vec![0f32; n * nkv * hd];
         let mut dv = vec![0f32; n * nkv * hd];
         for (&(e, kv), (q, k, v)) in tasks.iter().zip(results) {
-            scatter_heads(&mut dq, &q, off[e], g.real[e].1, nh * hd, kv * rep, rep, hd);
-            for i in 0..g.real[e].1 {
-                let row = off[e] + i;
-                let at = row * nkv * hd + kv * hd;
-                dk[at..at + hd].copy_from_slice(&k[i * hd..(i + 1) * hd]);
-                dv[at..at + hd].copy_from_slice(&v[i * hd..(i + 1) * hd]);
-            }
+            let rows = off[e]..off[e] + g.real[e].1;
+            scatter_heads(
+                &mut dq,
+                &q,
+                rows.clone(),
+                nh * hd,
+                kv * rep..(kv + 1) * rep,
+                hd,
+            );
+            scatter_heads(&mut dk, &k, rows.clone(), nkv * hd, kv..kv + 1, hd);
+            scatter_heads(&mut dv, &v, rows, nkv * hd, kv..kv + 1, hd);
         }
         (dq, dk, dv)
     }
@@ -463,42 +462,37 @@ impl FusedBlocks {
     }
 }
 
-/// Heads `first .. first + count` of packed rows `row0 .. row0 + len` (row stride `width`),
-/// stacked head by head: `[count·len, hd]`.
+/// Appends heads `heads` of packed rows `rows` (row stride `width`) to `out`, stacked head by
+/// head: `[heads.len()·rows.len(), hd]`.
 fn gather_heads(
+    out: &mut Vec<f32>,
     x: &[f32],
-    row0: usize,
-    len: usize,
+    rows: Range<usize>,
     width: usize,
-    first: usize,
-    count: usize,
+    heads: Range<usize>,
     hd: usize,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(count * len * hd);
-    for h in first..first + count {
-        for i in row0..row0 + len {
+) {
+    for h in heads {
+        for i in rows.clone() {
             let at = i * width + h * hd;
             out.extend_from_slice(&x[at..at + hd]);
         }
     }
-    out
 }
 
 /// The inverse of [`gather_heads`]: writes stacked heads back into packed rows.
-#[allow(clippy::too_many_arguments)]
 fn scatter_heads(
     x: &mut [f32],
     stacked: &[f32],
-    row0: usize,
-    len: usize,
+    rows: Range<usize>,
     width: usize,
-    first: usize,
-    count: usize,
+    heads: Range<usize>,
     hd: usize,
 ) {
-    for (hi, block) in stacked.chunks(len * hd).take(count).enumerate() {
-        for (i, src) in block.chunks(hd).enumerate() {
-            let at = (row0 + i) * width + (first + hi) * hd;
+    let len = rows.len();
+    for (h, block) in heads.zip(stacked.chunks(len * hd)) {
+        for (i, src) in rows.clone().zip(block.chunks(hd)) {
+            let at = i * width + h * hd;
             x[at..at + hd].copy_from_slice(src);
         }
     }
