@@ -86,11 +86,7 @@ fn main() -> reft::Result<()> {
         training: None,
     };
     let mut adapter = Adapter::init(config, d, 42, DType::F32, &dev)?;
-    let params: usize = adapter
-        .vars()
-        .iter()
-        .map(|(_, v)| v.as_tensor().elem_count())
-        .sum();
+    let params = adapter.num_parameters();
     let head = Head::mean(d, 2, 1, &dev)?;
     train_classifier(
         &encoder,
