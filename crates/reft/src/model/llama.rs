@@ -55,8 +55,9 @@ impl<'a> ForwardInput<'a> {
 enum Positions {
     /// Rotary embeddings of queries and keys, with these inverse frequencies.
     Rotary(Vec<f64>),
-    /// A learned table `[max_positions, d]` added to the token embeddings.
-    Learned(Tensor),
+    /// A learned table (the weights' `positions`, `[max_positions, d]`) added to the token
+    /// embeddings.
+    Learned,
 }
 
 /// A frozen decoder (Llama family or GPT-2).
@@ -93,7 +94,7 @@ impl Decoder {
         };
         let w = Weights::load(source, &cfg, &ctx)?;
         let positions = match &w.positions {
-            Some(table) => Positions::Learned(table.clone()),
+            Some(_) => Positions::Learned,
             None => Positions::Rotary(inverse_frequencies(&cfg)),
         };
         Ok(Self {
@@ -116,7 +117,7 @@ impl Decoder {
     /// position table (GPT-2). `None` with RoPE, which has no table to run out of.
     pub fn context_limit(&self) -> Option<usize> {
         match self.positions {
-            Positions::Learned(_) => Some(self.cfg.max_position_embeddings),
+            Positions::Learned => Some(self.cfg.max_position_embeddings),
             Positions::Rotary(_) => None,
         }
     }
@@ -182,7 +183,7 @@ impl Decoder {
         let pos = self.position_ids(b, t, past, input.position_ids)?;
         let rope = match &self.positions {
             Positions::Rotary(inv_freq) => Some(self.rope_tables(b, t, &pos, inv_freq)?),
-            Positions::Learned(_) => None,
+            Positions::Learned => None,
         };
         let mask = self.attention_mask(b, t, past, input.attention_mask)?;
 
@@ -271,7 +272,7 @@ impl Decoder {
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let Positions::Learned(table) = &self.positions else {
+        let Some(table) = &self.w.positions else {
             return Ok(h);
         };
         let rows = table.dim(0)?;
