@@ -14,7 +14,8 @@ pub struct Args {
     model: ModelArgs,
     #[command(flatten)]
     adapters: AdapterArgs,
-    /// Labelled data: JSONL, JSON, CSV/TSV, or a Hugging Face `datasets` folder / `.arrow` file.
+    /// Labelled data: JSONL, JSON, CSV/TSV, a Hugging Face `datasets` folder / `.arrow` file, or
+    /// Parquet (a file, or a folder of one split's files).
     #[arg(long)]
     data: std::path::PathBuf,
     /// What to score: `choice` (multiple choice by length-normalised log-likelihood),

@@ -23,7 +23,8 @@ use super::ModelArgs;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Training data: JSONL, JSON, CSV or TSV, a Hugging Face `datasets` folder or an `.arrow` file.
+    /// Training data: JSONL, JSON, CSV or TSV, a Hugging Face `datasets` folder, an `.arrow` file, or
+    /// a `.parquet` file or folder of them (one split).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data file.

@@ -1,8 +1,8 @@
 //! Training data (SPEC §5): records from JSONL (or JSON, CSV/TSV, Hugging Face `datasets`
-//! folders), prompt templates, and tokenisation into prompt/response id pairs where the prompt is
+//! folders, Parquet), prompt templates, and tokenisation into prompt/response id pairs where the prompt is
 //! always an exact prefix.
 
-mod arrow;
+mod columnar;
 
 use std::path::Path;
 
@@ -74,11 +74,11 @@ pub struct Record {
 }
 
 /// Reads records from a JSONL, JSON (array), CSV or TSV file, a Hugging Face `datasets` folder
-/// (`Dataset.save_to_disk`: Arrow IPC streams beside `state.json`/`dataset_info.json`) or a single
-/// `.arrow` file. A bad line is reported with its number, a bad Arrow row as `row N` (1-based,
-/// counted across the folder's files).
+/// (`Dataset.save_to_disk`: Arrow IPC streams beside `state.json`/`dataset_info.json`), a single
+/// `.arrow` file, or a `.parquet` file or folder of them (one split). A bad line is reported with
+/// its number, a bad Arrow or Parquet row as `row N` (1-based, counted across the files).
 pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
-    // Only the columns `record_of` reads: other Arrow columns (long passages, images, types JSON
+    // Only the columns `record_of` reads: other Arrow or Parquet columns (long passages, images, types JSON
     // cannot hold) are never converted.
     let columns = [
         fields.prompt.as_str(),
@@ -90,12 +90,13 @@ pub fn read_records(path: &Path, fields: &Fields) -> Result<Vec<Record>> {
     records_of(path, unit, rows.into_iter(), fields)
 }
 
-/// The rows of a data file (JSONL, JSON array, CSV, TSV) or of a Hugging Face `datasets` folder
-/// or `.arrow` file, as JSON objects numbered from 1, and what the numbers count (`"line"` for
-/// text files, `"row"` for Arrow). For Arrow input only `columns` are converted.
+/// The rows of a data file (JSONL, JSON array, CSV, TSV), of a Hugging Face `datasets` folder or
+/// `.arrow` file, or of Parquet files, as JSON objects numbered from 1, and what the numbers count
+/// (`"line"` for text files, `"row"` for the columnar formats, where only `columns` are
+/// converted).
 pub fn read_rows(path: &Path, columns: &[&str]) -> Result<(Vec<(usize, Value)>, &'static str)> {
-    if let Some(files) = arrow::arrow_files(path)? {
-        let rows = arrow::read_rows(&files, columns)?;
+    if let Some(files) = columnar::columnar_files(path)? {
+        let rows = columnar::read_rows(&files, columns)?;
         return Ok((
             rows.into_iter()
                 .enumerate()

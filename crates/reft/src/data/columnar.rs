@@ -1,12 +1,15 @@
-//! Hugging Face `datasets` folders and single `.arrow` files as training data.
+//! Columnar data files as training data: Hugging Face `datasets` folders and `.arrow` files
+//! (Arrow IPC), and Parquet files or folders of them.
 //!
 //! `Dataset.save_to_disk` writes a folder of Arrow IPC *stream* files (`data-00000-of-00001.arrow`,
-//! …) beside `dataset_info.json` and `state.json`, and many training and evaluation sets travel
-//! only in that form. Arrow is a binary columnar format (flatbuffer metadata, aligned buffers,
-//! validity bitmaps, dictionaries), so it is read with the Apache `arrow-ipc` crate rather than
-//! parsed by hand. It lives in its own file because it is the only user of the Arrow crates: each
-//! row becomes a `serde_json` object, so that the field logic of the text formats (`record_of` in
-//! `mod.rs`) applies to it unchanged.
+//! …) beside `dataset_info.json` and `state.json`; datasets published on the Hugging Face Hub, and
+//! `Dataset.to_parquet`, pandas and Polars, write Parquet (`train-00000-of-00002.parquet`, …).
+//! Both are binary columnar formats (flatbuffer or Thrift metadata, encoded and compressed
+//! pages, validity bitmaps, dictionaries), so they are read with the Apache `arrow-ipc` and
+//! `parquet` crates rather than parsed by hand; both yield Arrow record batches. They live in
+//! this one file because it is the only user of those crates: each row becomes a `serde_json`
+//! object, so that the field logic of the text formats (`record_of` in `mod.rs`) applies to it
+//! unchanged.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind};
@@ -20,19 +23,22 @@ use arrow_array::types::{
 use arrow_array::{Array, RecordBatch};
 use arrow_ipc::reader::{FileReader, StreamReader};
 use arrow_schema::{ArrowError, DataType};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
 use serde_json::{Map, Number, Value};
 
 use crate::{Error, Result};
 
-/// The Arrow files behind `path` when it is a `datasets` folder (the files `state.json` lists,
-/// else its `data-*.arrow` files in name order) or a file ending in `.arrow`; `None` for any
-/// other file. Any other folder is an error.
-pub(super) fn arrow_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
+/// The columnar files behind `path`: a file ending in `.arrow` or `.parquet`; a `datasets`
+/// folder (the files `state.json` lists, else its `data-*.arrow` files in name order); or a
+/// folder of `.parquet` files of one split, in name order. `None` for any other file; any other
+/// folder is an error.
+pub(super) fn columnar_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
     if !path.is_dir() {
-        let arrow = path
+        let columnar = path
             .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("arrow"));
-        return Ok(arrow.then(|| vec![path.to_path_buf()]));
+            .is_some_and(|e| e.eq_ignore_ascii_case("arrow") || e.eq_ignore_ascii_case("parquet"));
+        return Ok(columnar.then(|| vec![path.to_path_buf()]));
     }
     let bad = |msg: String| Error::BadConfig {
         path: path.to_path_buf(),
@@ -52,29 +58,67 @@ pub(super) fn arrow_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
         )));
     }
     if !has("state.json") && !has("dataset_info.json") {
-        return Err(bad(
-            "a folder, but not a Hugging Face `datasets` folder (no state.json or dataset_info.json)"
-                .into(),
-        ));
+        return parquet_folder(path).map(Some);
     }
     if let Some(files) = listed_files(path)? {
         return Ok(Some(files));
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| Error::io(path, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("data-") && n.ends_with(".arrow"))
-        })
-        .collect();
+    let mut files = files_named(path, |n| n.starts_with("data-") && n.ends_with(".arrow"))?;
     files.sort();
     if files.is_empty() {
         return Err(bad("a `datasets` folder without data-*.arrow files".into()));
     }
     Ok(Some(files))
+}
+
+/// The `.parquet` files directly inside `dir`, in name order. Files named as the Hub names
+/// shards (`{split}-00000-of-00002.parquet`) must all belong to one split: mixing a train and a
+/// test split into one training set is refused.
+fn parquet_folder(dir: &Path) -> Result<Vec<PathBuf>> {
+    let bad = |msg: String| Error::BadConfig {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    let mut files = files_named(dir, |n| n.to_ascii_lowercase().ends_with(".parquet"))?;
+    files.sort();
+    if files.is_empty() {
+        return Err(bad(
+            "a folder, but neither a Hugging Face `datasets` folder \
+             (no state.json or dataset_info.json) nor a folder of .parquet files"
+                .into(),
+        ));
+    }
+    let mut splits: Vec<&str> = files
+        .iter()
+        .filter_map(|f| shard_split(f.file_name()?.to_str()?))
+        .collect();
+    splits.sort();
+    splits.dedup();
+    if splits.len() > 1 {
+        return Err(bad(format!(
+            "Parquet files of several splits ({}): give one split's file or folder",
+            splits.join(", ")
+        )));
+    }
+    Ok(files)
+}
+
+/// `train` for `train-00000-of-00002.parquet`; `None` for a name not in that pattern.
+fn shard_split(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".parquet")?;
+    let (rest, total) = stem.rsplit_once("-of-")?;
+    let (split, index) = rest.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(total) && digits(index) && !split.is_empty()).then_some(split)
+}
+
+/// The plain files directly inside `dir` whose names pass `keep`.
+fn files_named(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(&keep))
+        .collect())
 }
 
 /// The files in `state.json`'s `_data_files`, when it names any.
@@ -112,8 +156,9 @@ fn subfolders(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Reads every row of `files` (Arrow IPC streams, or IPC files, told apart by their magic bytes)
-/// as a JSON object that holds the given columns; columns the data lacks are left out.
+/// Reads every row of `files` (Parquet files, Arrow IPC streams or Arrow IPC files, told apart
+/// by their magic bytes) as a JSON object that holds the given columns; columns the data lacks
+/// are left out, and Parquet columns not asked for are never decoded.
 pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
     for file in files {
@@ -121,25 +166,17 @@ pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value
             path: file.clone(),
             msg,
         };
-        let unreadable = |e: ArrowError| {
-            let hint = match &e {
-                ArrowError::IoError(_, io) if io.kind() == ErrorKind::UnexpectedEof => {
-                    " (truncated?)"
-                }
-                _ => "",
-            };
-            bad(format!("not a readable Arrow IPC file{hint}: {e}"))
-        };
         let mut reader = BufReader::new(File::open(file).map_err(|e| Error::io(file, e))?);
         let magic = reader.fill_buf().map_err(|e| Error::io(file, e))?;
-        let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>> =
-            if magic.starts_with(b"ARROW1") {
-                Box::new(FileReader::try_new(reader, None).map_err(unreadable)?)
+        let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>> =
+            if magic.starts_with(b"PAR1") {
+                parquet_batches(reader.into_inner(), columns)
+                    .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?
             } else {
-                Box::new(StreamReader::try_new(reader, None).map_err(unreadable)?)
+                arrow_batches(reader).map_err(&bad)?
             };
         for batch in batches {
-            let batch = batch.map_err(unreadable)?;
+            let batch = batch.map_err(&bad)?;
             let cols: Vec<(&str, &dyn Array)> = columns
                 .iter()
                 .filter_map(|&c| Some((c, batch.column_by_name(c)?.as_ref())))
@@ -155,6 +192,57 @@ pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value
         }
     }
     Ok(rows)
+}
+
+type Batches = Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>>;
+
+/// The record batches of an Arrow IPC file or stream (an IPC file starts with `ARROW1`).
+fn arrow_batches(mut reader: BufReader<File>) -> std::result::Result<Batches, String> {
+    fn unreadable(e: ArrowError) -> String {
+        let hint = match &e {
+            ArrowError::IoError(_, io) if io.kind() == ErrorKind::UnexpectedEof => " (truncated?)",
+            _ => "",
+        };
+        format!("not a readable Arrow IPC file{hint}: {e}")
+    }
+    let file_format = reader
+        .fill_buf()
+        .map_err(|e| e.to_string())?
+        .starts_with(b"ARROW1");
+    Ok(if file_format {
+        Box::new(
+            FileReader::try_new(reader, None)
+                .map_err(unreadable)?
+                .map(|b| b.map_err(unreadable)),
+        )
+    } else {
+        Box::new(
+            StreamReader::try_new(reader, None)
+                .map_err(unreadable)?
+                .map(|b| b.map_err(unreadable)),
+        )
+    })
+}
+
+/// The record batches of a Parquet file, decoding only the top-level `columns` it has.
+fn parquet_batches(file: File, columns: &[&str]) -> std::result::Result<Batches, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+    let roots: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| columns.contains(&f.name().as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(reader.map(|b| {
+        b.map_err(|e| format!("not a readable Parquet file: {e}"))
+    })))
 }
 
 /// Element `i` of an Arrow array as JSON: strings, numbers, booleans, lists as arrays, structs as
