@@ -320,38 +320,55 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     assert!(err.contains("line 2"), "{err}");
 }
 
-/// `reft quickstart` (the README's first command), shortened to three epochs: it trains, saves
+/// `reft quickstart` (the README's first command), shortened to ten epochs: it trains, saves
 /// the adapter with its metrics and loss curve, and prints the ten unseen prompts answered with
-/// and without the adapter, the base answers being words.
+/// and without the adapter. The base model answers in words; with the adapter at least 8 of the
+/// 10 answers have no letters (10 with seed 42 when measured; pyreft on the same weights and
+/// settings: 10). At the recipe's full 100 epochs both memorise the ten training answers and
+/// generalise worse (README, "Training").
 #[test]
-fn quickstart_trains_saves_and_compares_answers() {
+fn quickstart_trains_saves_and_answers_unseen_prompts_in_emoji() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
     let o = reft(&[
         "quickstart",
         "--epochs",
-        "3",
+        "10",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8(o.stdout).unwrap();
-    assert_eq!(
-        stdout.matches("\nQ: ").count() + usize::from(stdout.starts_with("Q: ")),
-        10
-    );
+    let answers = |prefix: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix(prefix))
+            .map(|a| a.trim().to_string())
+            .collect()
+    };
+    let (base, steered) = (answers("base:"), answers("adapter:"));
+    assert_eq!((base.len(), steered.len()), (10, 10), "{stdout}");
     assert!(
         stdout.contains(
             "Q: What is the capital of France?\n  base:    The capital of France is Paris."
         ),
         "{stdout}"
     );
+    let words = |a: &String| a.chars().filter(|c| c.is_alphabetic()).count() >= 10;
+    assert!(base.iter().all(words), "{stdout}");
+    let emoji_only = steered
+        .iter()
+        .filter(|a| !a.is_empty() && !a.chars().any(char::is_alphabetic))
+        .count();
+    assert!(emoji_only >= 8, "{emoji_only}/10 emoji-only:\n{stdout}");
     assert!(
-        stdout.contains("answers with the adapter have no letters"),
+        stdout.contains(&format!(
+            "{emoji_only}/10 answers with the adapter have no letters"
+        )),
         "{stdout}"
     );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 3);
+    assert_eq!(metrics.lines().count(), 10);
     assert!(out.join("reft_config.json").exists());
     assert!(out.join("adapter.safetensors").exists());
     assert!(out.join("loss.png").exists());
