@@ -108,6 +108,21 @@ fn write_hf_folder(dir: &Path, shards: &[RecordBatch]) {
     std::fs::write(dir.join("dataset_info.json"), r#"{"features": {}}"#).unwrap();
 }
 
+/// `n` prompt/response rows with short, varying responses.
+fn plain_rows(n: usize) -> Vec<Row<'static>> {
+    let response = ["x", "yz", "w"];
+    (0..n)
+        .map(|i| {
+            (
+                Some("a prompt of some length"),
+                None,
+                Some(response[i % 3]),
+                None,
+            )
+        })
+        .collect()
+}
+
 /// `batches` as one Parquet file, a row group per `group` rows.
 fn write_parquet(path: &Path, batches: &[RecordBatch], compression: Compression, group: usize) {
     let props = WriterProperties::builder()
@@ -229,16 +244,7 @@ fn numbers_bools_and_other_field_names() {
 #[test]
 fn broken_arrow_files_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let rows: Vec<_> = (0..50)
-        .map(|i| {
-            (
-                Some("a prompt of some length"),
-                None,
-                Some(if i % 2 == 0 { "x" } else { "y" }),
-                None,
-            )
-        })
-        .collect();
+    let rows = plain_rows(50);
     let good = dir.path().join("good.arrow");
     write_stream(&good, &[chat_batch(&rows)]);
     let bytes = std::fs::read(&good).unwrap();
@@ -464,16 +470,7 @@ fn parquet_written_by_pyarrow() {
 #[test]
 fn broken_parquet_files_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let rows: Vec<_> = (0..200)
-        .map(|i| {
-            (
-                Some("a prompt of some length"),
-                None,
-                Some(if i % 3 == 0 { "x" } else { "yz" }),
-                None,
-            )
-        })
-        .collect();
+    let rows = plain_rows(200);
     let good = dir.path().join("good.parquet");
     write_parquet(&good, &[chat_batch(&rows)], Compression::SNAPPY, 64);
     let bytes = std::fs::read(&good).unwrap();
@@ -534,15 +531,12 @@ fn real_hf_folders_from_a_package() {
             return;
         }
     };
-    let sst2 = read_records(
-        &root.join("glue/sst2/validation"),
-        &Fields {
-            prompt: "sentence".into(),
-            response: "label".into(),
-            ..Fields::default()
-        },
-    )
-    .unwrap();
+    let sst2_fields = Fields {
+        prompt: "sentence".into(),
+        response: "label".into(),
+        ..Fields::default()
+    };
+    let sst2 = read_records(&root.join("glue/sst2/validation"), &sst2_fields).unwrap();
     assert_eq!(sst2.len(), 872);
     assert_eq!(
         sst2[0],
@@ -559,12 +553,7 @@ fn real_hf_folders_from_a_package() {
     let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
     let pq = dir.path().join("validation-00000-of-00001.parquet");
     write_parquet(&pq, &batches, Compression::ZSTD(ZstdLevel::default()), 300);
-    let fields = Fields {
-        prompt: "sentence".into(),
-        response: "label".into(),
-        ..Fields::default()
-    };
-    assert_eq!(read_records(dir.path(), &fields).unwrap(), sst2);
+    assert_eq!(read_records(dir.path(), &sst2_fields).unwrap(), sst2);
 
     let boolq = read_records(
         &root.join("boolq/none/validation"),
