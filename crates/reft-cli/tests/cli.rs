@@ -320,6 +320,116 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     assert!(err.contains("line 2"), "{err}");
 }
 
+/// `reft train --init A` trains adapter A further. With lr 0 the saved adapter is A, byte for
+/// byte, and the first step's loss is A's loss on the data, lower than a fresh adapter's; A
+/// exported as a pyreft folder starts from the same loss. Flags that describe another adapter,
+/// `--resume`, and an adapter for another model are refused.
+#[test]
+fn train_init_continues_from_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    let data = data.to_str().unwrap();
+    let common = ["--data", data, "--batch-size", "10", "--template", "chat"];
+    let first_loss = |out: &str| -> f64 {
+        let m = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    let a = dir("a");
+    let fresh = [
+        "--kind",
+        "loreft",
+        "--layers",
+        "15",
+        "--rank",
+        "4",
+        "--positions",
+        "l1",
+    ];
+    reft_ok(
+        &[
+            &["train"][..],
+            &common,
+            &fresh,
+            &["--epochs", "3", "--out", &a],
+        ]
+        .concat(),
+    );
+
+    let b = dir("b");
+    reft_ok(
+        &[
+            &["train"][..],
+            &common,
+            &["--init", &a, "--epochs", "1", "--lr", "0", "--out", &b],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        std::fs::read(format!("{a}/adapter.safetensors")).unwrap(),
+        std::fs::read(format!("{b}/adapter.safetensors")).unwrap()
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{b}/reft_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["training"]["init"], a.as_str());
+    assert!(
+        first_loss(&b) < first_loss(&a) - 0.1,
+        "{} vs {}",
+        first_loss(&b),
+        first_loss(&a)
+    );
+
+    let py = dir("a-pyreft");
+    reft_ok(&["adapter", "export-pyreft", &a, &py]);
+    let c = dir("c");
+    reft_ok(
+        &[
+            &["train"][..],
+            &common,
+            &["--init", &py, "--epochs", "1", "--lr", "0", "--out", &c],
+        ]
+        .concat(),
+    );
+    assert!((first_loss(&c) - first_loss(&b)).abs() < 1e-6);
+
+    for (extra, message) in [
+        (&["--rank", "8"][..], "drop --rank"),
+        (&["--resume", &a][..], "--init and --resume"),
+        (
+            &["--positions", "f1"][..],
+            "--positions is for pyreft folders",
+        ),
+    ] {
+        let o = reft(
+            &[
+                &["train"][..],
+                &common,
+                &["--init", &a, "--out", &dir("x")],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(message), "{err}");
+    }
+    let config = format!("{a}/reft_config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("\"hidden_size\": 576", "\"hidden_size\": 64"),
+    )
+    .unwrap();
+    let o = reft(&[&["train"][..], &common, &["--init", &a, "--out", &dir("x")]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("another model"),
+        "{err}"
+    );
+}
+
 /// `reft quickstart` (the README's first command), shortened to ten epochs: it trains, saves
 /// the adapter with its metrics and loss curve, and prints the ten unseen prompts answered with
 /// and without the adapter. The base model answers in words; with the adapter at least 8 of the

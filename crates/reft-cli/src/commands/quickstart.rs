@@ -37,6 +37,7 @@ pub fn run(a: Args) -> Result<()> {
     let train = quickstart::examples(&lm)?;
     let plan = Plan {
         spec: quickstart::adapter_spec(),
+        init: None,
         train_cfg: quickstart::train_config(a.epochs, a.seed),
         template: quickstart::TEMPLATE,
         out: a.out.clone(),

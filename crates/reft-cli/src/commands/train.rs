@@ -106,6 +106,11 @@ pub struct Args {
     /// Continue from a checkpoint folder of the same run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start from this adapter (a reft folder, or a pyreft save whose positions `--positions`
+    /// gives, default l1) instead of a fresh one: its interventions and weights are trained
+    /// further with a fresh optimiser, and its template is the default.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Output folder: adapter, metrics.jsonl, loss.png, checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -172,6 +177,7 @@ struct FileArgs {
     max_length: Option<usize>,
     seed: Option<u64>,
     save_every: Option<usize>,
+    init: Option<PathBuf>,
     out: Option<PathBuf>,
     task: Option<String>,
     text_field: Option<String>,
@@ -217,6 +223,7 @@ impl Args {
             max_length,
             seed,
             save_every,
+            init,
             out,
             task,
             text_field,
@@ -251,6 +258,9 @@ impl Args {
 /// Everything needed to train, resolved from flags and file.
 pub struct Plan {
     pub spec: AdapterSpec,
+    /// An adapter to train further (`--init`) instead of a fresh one built from `spec`, and
+    /// where it came from.
+    pub init: Option<(PathBuf, Adapter)>,
     pub train_cfg: TrainConfig,
     pub template: Template,
     pub out: PathBuf,
@@ -303,6 +313,7 @@ fn plan(a: &Args) -> Result<Plan> {
     let out = a.out.clone().context("--out DIR is required")?;
     Ok(Plan {
         spec,
+        init: None,
         train_cfg,
         template,
         out,
@@ -320,6 +331,16 @@ pub fn run(mut a: Args) -> Result<()> {
     }
     let data = a.data.clone().context("--data FILE is required")?;
     let lm = a.model.load()?;
+    let mut p = p;
+    if let Some(dir) = &a.init {
+        let adapter = open_init(&a, dir, &lm)?;
+        if a.template.is_none() {
+            if let Some(t) = &adapter.config().template {
+                p.template = t.parse()?;
+            }
+        }
+        p.init = Some((dir.clone(), adapter));
+    }
     let fields = Fields {
         prompt: a.prompt_field.clone().unwrap_or_else(|| "prompt".into()),
         response: a
@@ -360,6 +381,44 @@ pub fn run(mut a: Args) -> Result<()> {
     Ok(())
 }
 
+/// The `--init` adapter, refusing the flags that would describe another one.
+fn open_init(a: &Args, dir: &Path, lm: &LanguageModel) -> Result<Adapter> {
+    if a.resume.is_some() {
+        bail!("--init and --resume: a resumed run restores its own adapter");
+    }
+    let shape_flags = [
+        ("--kind", a.kind.is_some()),
+        ("--layers", a.layers.is_some()),
+        ("--component", a.component.is_some()),
+        ("--rank", a.rank.is_some()),
+        ("--tied/--untied", a.tied || a.untied),
+        ("--act", a.act.is_some()),
+        ("--dropout", a.dropout.is_some()),
+    ];
+    let given: Vec<&str> = shape_flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(f, _)| *f)
+        .collect();
+    if !given.is_empty() {
+        bail!(
+            "--init trains the adapter's own interventions: drop {}",
+            given.join(", ")
+        );
+    }
+    let native = dir.join(reft::adapter::native::CONFIG_FILE).exists();
+    if native && a.positions.is_some() {
+        bail!(
+            "--positions is for pyreft folders, which do not record them; {} does",
+            dir.display()
+        );
+    }
+    let positions = a.positions.as_deref().unwrap_or("l1");
+    let base = BaseModel::of(lm);
+    Adapter::open(dir, Some(&base), positions, DType::F32, lm.decoder.device())
+        .with_context(|| format!("cannot load the --init adapter {}", dir.display()))
+}
+
 fn examples(
     lm: &LanguageModel,
     path: &Path,
@@ -381,14 +440,27 @@ pub fn train_adapter(
     resume: Option<&Path>,
 ) -> Result<Adapter> {
     let d = lm.decoder.config().hidden_size;
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: Some(BaseModel::of(lm)),
-        interventions: p.spec.expand(lm.decoder.config().num_layers)?,
-        template: Some(format!("{:?}", p.template).to_lowercase()),
-        training: None,
+    let template = Some(format!("{:?}", p.template).to_lowercase());
+    let (init_from, adapter) = match p.init {
+        Some((dir, mut adapter)) => {
+            let c = adapter.config_mut();
+            c.base_model = Some(BaseModel::of(lm));
+            c.template = template;
+            c.training = None;
+            (Some(dir), adapter)
+        }
+        None => {
+            let config = AdapterConfig {
+                format_version: 1,
+                base_model: Some(BaseModel::of(lm)),
+                interventions: p.spec.expand(lm.decoder.config().num_layers)?,
+                template,
+                training: None,
+            };
+            let adapter = Adapter::init(config, d, p.seed, DType::F32, lm.decoder.device())?;
+            (None, adapter)
+        }
     };
-    let adapter = Adapter::init(config, d, p.seed, DType::F32, lm.decoder.device())?;
     eprintln!("{}", adapter.parameter_summary(lm.decoder.num_parameters()));
     let n_train = train.len();
     let mut trainer =
@@ -439,6 +511,7 @@ pub fn train_adapter(
         "steps": last.as_ref().map(|m| m.step),
         "final_loss": last.as_ref().map(|m| m.loss),
         "seed": p.seed,
+        "init": init_from.map(|d| d.display().to_string()),
         "config": p.train_cfg,
         "tool": format!("reft {}", env!("CARGO_PKG_VERSION")),
     }));
