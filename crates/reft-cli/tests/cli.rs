@@ -261,6 +261,10 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
         "5",
         "--save-every",
         "3",
+        "--eval-fraction",
+        "0.2",
+        "--eval-samples",
+        "1",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -289,6 +293,27 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
         .starts_with(b"\x89PNG"));
     let cfg = std::fs::read_to_string(out.join("reft_config.json")).unwrap();
     assert!(cfg.contains("final_loss"), "{cfg}");
+    // Each epoch: the held-out loss and one held-out prompt answered, printed and saved.
+    let err = String::from_utf8_lossy(&o.stderr);
+    for epoch in ["epoch 1: held-out loss", "epoch 2: held-out loss"] {
+        assert!(err.contains(epoch), "{err}");
+    }
+    assert_eq!(err.matches("(reference: 🗳️🌍📜🤝)").count(), 2, "{err}");
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[1]["epoch"], 2);
+    assert!(
+        samples[1]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("Can you comment on politics?"),
+        "{samples:?}"
+    );
+    assert!(!samples[1]["answer"].as_str().unwrap().is_empty());
     // The trained adapter loads for generation.
     let g = reft(&[
         "generate",

@@ -67,6 +67,7 @@ pub fn train_config(epochs: usize, seed: u64) -> TrainConfig {
         cache_prefix: true,
         cache_budget_bytes: 1 << 30,
         checkpoint_every: None,
+        eval_samples: 0,
     }
 }
 

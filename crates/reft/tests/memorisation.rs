@@ -100,6 +100,7 @@ fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
         cache_prefix: true,
         cache_budget_bytes: 1 << 30,
         checkpoint_every: None,
+        eval_samples: 0,
     };
     let mut trainer = Trainer::new(&lm, adapter, examples, Vec::new(), cfg).unwrap();
     trainer.run(&mut |_| {}, &|| false).unwrap();

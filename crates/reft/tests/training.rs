@@ -7,8 +7,9 @@ use candle_core::{DType, Device};
 use common::*;
 use reft::adapter::Adapter;
 use reft::data::Example;
+use reft::generate::{generate, GenerationConfig};
 use reft::tokenizer::Tokenizer;
-use reft::train::{AdamWConfig, Event, Schedule, TrainConfig, Trainer};
+use reft::train::{AdamWConfig, Event, Sample, Schedule, TrainConfig, Trainer, SAMPLE_TOKENS};
 use reft::LanguageModel;
 
 /// tiny-llama with a stand-in tokenizer (training never tokenises here: examples are ids).
@@ -16,12 +17,20 @@ fn tiny() -> LanguageModel {
     tiny_lm("tiny-llama")
 }
 
-/// A tiny fixture model with a stand-in tokenizer.
+/// A tiny fixture model with a stand-in tokenizer: one word `w<id>` per id, so that generated
+/// ids decode to text that shows them.
 fn tiny_lm(name: &str) -> LanguageModel {
     let decoder = tiny_decoder(name, DType::F32);
     let tok_dir = tempfile::tempdir().unwrap();
-    let tok_json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"b":1},"unk_token":"a"}}"#;
-    std::fs::write(tok_dir.path().join("tokenizer.json"), tok_json).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..decoder.config().vocab_size)
+        .map(|i| (format!("w{i}"), i.into()))
+        .collect();
+    let tok_json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+    });
+    std::fs::write(tok_dir.path().join("tokenizer.json"), tok_json.to_string()).unwrap();
     let tokenizer = Tokenizer::from_file(&tok_dir.path().join("tokenizer.json")).unwrap();
     LanguageModel {
         decoder,
@@ -69,6 +78,7 @@ fn config(cache: bool) -> TrainConfig {
         cache_prefix: cache,
         cache_budget_bytes: 1 << 30,
         checkpoint_every: Some(2),
+        eval_samples: 0,
     }
 }
 
@@ -116,6 +126,100 @@ fn prefix_cache_gives_the_same_losses(name: &str) -> Vec<f64> {
         "{name}: the evaluation loss did not go down: {before} → {after}"
     );
     a
+}
+
+/// With `eval_samples`, each epoch reports the adapter's greedy answers to the first held-out
+/// prompts and appends them to samples.jsonl, and training is exactly what it is without: the
+/// same losses and the same final adapter. The last epoch's answers are those of the final
+/// adapter.
+#[test]
+fn held_out_samples_each_epoch_leave_training_unchanged() {
+    let lm = tiny();
+    let out = tempfile::tempdir().unwrap();
+    let held_out: Vec<Example> = data().into_iter().rev().take(3).collect();
+    let sampled_cfg = TrainConfig {
+        eval_samples: 2,
+        ..config(true)
+    };
+    let mut sampled = Trainer::new(
+        &lm,
+        adapter(&lm, SPEC),
+        data(),
+        held_out.clone(),
+        sampled_cfg,
+    )
+    .unwrap()
+    .with_output(out.path())
+    .unwrap();
+    let mut reported: Vec<Sample> = Vec::new();
+    sampled
+        .run(
+            &mut |e| {
+                if let Event::Epoch { samples, .. } = e {
+                    reported.extend_from_slice(samples)
+                }
+            },
+            &|| false,
+        )
+        .unwrap();
+    let mut plain = Trainer::new(
+        &lm,
+        adapter(&lm, SPEC),
+        data(),
+        held_out.clone(),
+        config(true),
+    )
+    .unwrap();
+    plain.run(&mut |_| {}, &|| false).unwrap();
+
+    assert_eq!(losses(&sampled), losses(&plain));
+    for ((n, x), (_, y)) in sampled
+        .adapter
+        .tensors()
+        .unwrap()
+        .iter()
+        .zip(&plain.adapter.tensors().unwrap())
+    {
+        assert_eq!(max_abs_diff(x, y), 0.0, "{n}");
+    }
+
+    let epochs: Vec<usize> = reported.iter().map(|s| s.epoch).collect();
+    assert_eq!(epochs, [1, 1, 2, 2, 3, 3]);
+    let file: Vec<Sample> = std::fs::read_to_string(out.path().join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(file, reported);
+    let words = |ids: &[u32]| {
+        ids.iter()
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(reported[4].prompt, words(&held_out[0].prompt_ids));
+    assert_eq!(reported[5].reference, words(&held_out[1].response_ids));
+
+    let prompts: Vec<Vec<u32>> = held_out[..2].iter().map(|e| e.prompt_ids.clone()).collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: SAMPLE_TOKENS,
+        ..Default::default()
+    };
+    plain.adapter.set_training(false);
+    plain.adapter.refresh_params().unwrap();
+    let direct = generate(
+        &lm.decoder,
+        &lm.tokenizer,
+        &prompts,
+        &cfg,
+        &mut plain.adapter,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    for (s, g) in reported[4..].iter().zip(&direct) {
+        assert_eq!(s.answer, g.text);
+        assert_eq!(s.answer.split(' ').count(), SAMPLE_TOKENS, "{}", s.answer);
+    }
 }
 
 #[test]

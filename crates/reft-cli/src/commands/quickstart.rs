@@ -10,7 +10,7 @@ use reft::model::NoHooks;
 use reft::quickstart;
 use reft::template::Message;
 
-use super::train::{train_adapter, Plan};
+use super::train::{one_line, train_adapter, Plan};
 use super::ModelArgs;
 
 /// Arguments of `reft quickstart`.
@@ -97,8 +97,4 @@ pub fn run(a: Args) -> Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-fn one_line(s: &str) -> String {
-    s.replace('\n', " ⏎ ")
 }

@@ -100,6 +100,10 @@ pub struct Args {
     /// Checkpoint every N optimiser steps.
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// After each epoch, answer the first N held-out prompts greedily with the adapter as it
+    /// stands (printed, and appended to samples.jsonl in --out).
+    #[arg(long)]
+    pub eval_samples: Option<usize>,
     /// Recompute every example in full each step (same losses, slower).
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -177,6 +181,7 @@ struct FileArgs {
     max_length: Option<usize>,
     seed: Option<u64>,
     save_every: Option<usize>,
+    eval_samples: Option<usize>,
     init: Option<PathBuf>,
     out: Option<PathBuf>,
     task: Option<String>,
@@ -223,6 +228,7 @@ impl Args {
             max_length,
             seed,
             save_every,
+            eval_samples,
             init,
             out,
             task,
@@ -308,6 +314,7 @@ fn plan(a: &Args) -> Result<Plan> {
         cache_prefix: !a.no_prefix_cache,
         cache_budget_bytes: 2 << 30,
         checkpoint_every: a.save_every,
+        eval_samples: a.eval_samples.unwrap_or(0),
     };
     let template: Template = a.template.as_deref().unwrap_or("chat").parse()?;
     let out = a.out.clone().context("--out DIR is required")?;
@@ -419,6 +426,11 @@ fn open_init(a: &Args, dir: &Path, lm: &LanguageModel) -> Result<Adapter> {
         .with_context(|| format!("cannot load the --init adapter {}", dir.display()))
 }
 
+/// `s` on one line, newlines shown as ⏎.
+pub fn one_line(s: &str) -> String {
+    s.trim().replace('\n', " ⏎ ")
+}
+
 fn examples(
     lm: &LanguageModel,
     path: &Path,
@@ -495,9 +507,26 @@ pub fn train_adapter(
             }
             Event::Epoch {
                 epoch,
-                eval_loss: Some(l),
-            } => bar.println(format!("epoch {epoch}: held-out loss {l:.4}")),
-            Event::Epoch { .. } => {}
+                eval_loss,
+                samples,
+            } => {
+                // Above the bar on a terminal; plain lines when stderr is a file or pipe,
+                // where indicatif hides the bar and drops its `println`s.
+                let say = |line: String| match bar.is_hidden() {
+                    true => eprintln!("{line}"),
+                    false => bar.println(line),
+                };
+                if let Some(l) = eval_loss {
+                    say(format!("epoch {epoch}: held-out loss {l:.4}"));
+                }
+                for s in samples {
+                    say(format!(
+                        "  → {}   (reference: {})",
+                        one_line(&s.answer),
+                        one_line(&s.reference)
+                    ));
+                }
+            }
             Event::Checkpoint(dir) => bar.set_message(format!("saved {}", dir.display())),
         },
         &|| stop.load(Ordering::SeqCst),

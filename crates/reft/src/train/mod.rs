@@ -9,6 +9,7 @@
 pub mod classify;
 pub mod optim;
 mod prefix;
+mod samples;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crate::{Error, Result};
 
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
 use prefix::PrefixCache;
+pub use samples::{Sample, SAMPLE_TOKENS};
 
 /// Training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +56,10 @@ pub struct TrainConfig {
     pub cache_budget_bytes: usize,
     /// Save a checkpoint every this many optimiser steps (and at the end).
     pub checkpoint_every: Option<usize>,
+    /// Held-out prompts the adapter answers greedily after each epoch (reported with the epoch
+    /// and appended to `samples.jsonl`); 0 for none.
+    #[serde(default)]
+    pub eval_samples: usize,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +76,7 @@ impl Default for TrainConfig {
             cache_prefix: true,
             cache_budget_bytes: 2 << 30,
             checkpoint_every: None,
+            eval_samples: 0,
         }
     }
 }
@@ -103,6 +110,8 @@ pub enum Event<'a> {
         epoch: usize,
         /// Mean held-out loss.
         eval_loss: Option<f64>,
+        /// Held-out prompts answered by the adapter (`TrainConfig::eval_samples` of them).
+        samples: &'a [Sample],
     },
     /// A checkpoint was written.
     Checkpoint(&'a Path),
@@ -500,10 +509,14 @@ impl<'a> Trainer<'a> {
             on_event(Event::Step(&m));
             self.metrics.push(m);
             if self.step.is_multiple_of(spe) {
+                let epoch = self.step / spe;
                 let eval_loss = self.eval_loss()?;
+                let samples = self.eval_samples(self.cfg.eval_samples, epoch)?;
+                self.append_samples(&samples)?;
                 on_event(Event::Epoch {
-                    epoch: self.step / spe,
+                    epoch,
                     eval_loss,
+                    samples: &samples,
                 });
             }
             let due = self
