@@ -130,6 +130,18 @@ fn invalid_sampling_options_are_rejected() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
 }
 
+/// The quickstart's intervention as `reft train` flags.
+const QUICKSTART_ADAPTER: [&str; 8] = [
+    "--kind",
+    "loreft",
+    "--layers",
+    "15",
+    "--rank",
+    "4",
+    "--positions",
+    "l1",
+];
+
 fn fixtures() -> std::path::PathBuf {
     match std::env::var_os("REFT_FIXTURES") {
         Some(p) => p.into(),
@@ -239,20 +251,7 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let data = fixtures().join("quickstart_emoji.jsonl");
-    let o = reft(&[
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--template",
-        "chat",
-        "--kind",
-        "loreft",
-        "--layers",
-        "15",
-        "--rank",
-        "4",
-        "--positions",
-        "l1",
+    let run = [
         "--epochs",
         "2",
         "--lr",
@@ -267,7 +266,15 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
         "1",
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    let head = [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--template",
+        "chat",
+    ];
+    let o = reft(&[&head[..], &QUICKSTART_ADAPTER, &run].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
@@ -362,16 +369,7 @@ fn train_init_continues_from_an_adapter() {
         line["loss"].as_f64().unwrap()
     };
     let a = dir("a");
-    let fresh = [
-        "--kind",
-        "loreft",
-        "--layers",
-        "15",
-        "--rank",
-        "4",
-        "--positions",
-        "l1",
-    ];
+    let fresh = QUICKSTART_ADAPTER;
     reft_ok(
         &[
             &["train"][..],

@@ -512,7 +512,7 @@ impl<'a> Trainer<'a> {
                 let epoch = self.step / spe;
                 let eval_loss = self.eval_loss()?;
                 let samples = self.eval_samples(self.cfg.eval_samples, epoch)?;
-                self.append_samples(&samples)?;
+                self.append_jsonl("samples.jsonl", &samples)?;
                 on_event(Event::Epoch {
                     epoch,
                     eval_loss,
@@ -539,15 +539,24 @@ impl<'a> Trainer<'a> {
     }
 
     fn append_metrics(&self, m: &StepMetrics) -> Result<()> {
+        self.append_jsonl("metrics.jsonl", std::slice::from_ref(m))
+    }
+
+    /// Appends one JSON line per item to `name` in the output folder, if there is one.
+    fn append_jsonl<T: Serialize>(&self, name: &str, items: &[T]) -> Result<()> {
         let Some(out) = &self.out else { return Ok(()) };
-        let path = out.join("metrics.jsonl");
+        let path = out.join(name);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let line = serde_json::to_string(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))
+        for item in items {
+            let line =
+                serde_json::to_string(item).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
     }
 
     /// Writes `checkpoint-<step>/` (adapter, optimiser state with the raw parameters, trainer

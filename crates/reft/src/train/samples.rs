@@ -2,13 +2,11 @@
 //! first few held-out prompts greedily, so that a run shows what it is learning as well as its
 //! loss (`TrainConfig::eval_samples`; the CLI's `--eval-samples`).
 
-use std::io::Write;
-
 use serde::{Deserialize, Serialize};
 
 use super::Trainer;
 use crate::generate::{generate, GenerationConfig};
-use crate::{Error, Result};
+use crate::Result;
 
 /// New tokens per sample: enough to judge an answer, few enough to keep epochs short.
 pub const SAMPLE_TOKENS: usize = 48;
@@ -71,22 +69,5 @@ impl Trainer<'_> {
                 })
             })
             .collect()
-    }
-
-    /// Appends `samples` to `samples.jsonl` in the output folder, if there is one.
-    pub(super) fn append_samples(&self, samples: &[Sample]) -> Result<()> {
-        let Some(out) = &self.out else { return Ok(()) };
-        let path = out.join("samples.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        for s in samples {
-            let line =
-                serde_json::to_string(s).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
-        }
-        Ok(())
     }
 }
