@@ -511,6 +511,9 @@ fn broken_parquet_files_are_errors_naming_the_file() {
                 refused += usize::from(flipped);
                 let e = e.to_string();
                 assert!(e.contains(&name), "{name}: {e}");
+                if !flipped {
+                    assert!(e.contains("not a readable Parquet file"), "{name}: {e}");
+                }
             }
         }
     }

@@ -156,8 +156,8 @@ fn subfolders(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Reads every row of `files` (Parquet files, Arrow IPC streams or Arrow IPC files, told apart
-/// by their magic bytes) as a JSON object that holds the given columns; columns the data lacks
+/// Reads every row of `files` (Parquet files, by magic bytes or name, else Arrow IPC streams or
+/// files, told apart by their magic bytes) as a JSON object that holds the given columns; columns the data lacks
 /// are left out, and Parquet columns not asked for are never decoded.
 pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
@@ -168,13 +168,17 @@ pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value
         };
         let mut reader = BufReader::new(File::open(file).map_err(|e| Error::io(file, e))?);
         let magic = reader.fill_buf().map_err(|e| Error::io(file, e))?;
-        let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>> =
-            if magic.starts_with(b"PAR1") {
-                parquet_batches(reader.into_inner(), columns)
-                    .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?
-            } else {
-                arrow_batches(reader).map_err(&bad)?
-            };
+        let parquet = magic.starts_with(b"PAR1")
+            || file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+        let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>> = if parquet
+        {
+            parquet_batches(reader.into_inner(), columns)
+                .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?
+        } else {
+            arrow_batches(reader).map_err(&bad)?
+        };
         for batch in batches {
             let batch = batch.map_err(&bad)?;
             let cols: Vec<(&str, &dyn Array)> = columns
