@@ -333,7 +333,12 @@ pub fn run(mut a: Args) -> Result<()> {
     let p = plan(&a)?;
     match a.task.as_deref().unwrap_or("causal") {
         "causal" => {}
-        "classify" => return super::classify::train(&a, p),
+        "classify" => {
+            if a.init.is_some() || a.eval_samples.is_some() {
+                bail!("--init and --eval-samples are for causal training (--task causal)");
+            }
+            return super::classify::train(&a, p);
+        }
         other => bail!("unknown --task `{other}` (causal, classify)"),
     }
     let data = a.data.clone().context("--data FILE is required")?;
