@@ -13,22 +13,8 @@ use reft::adapter::{Adapter, AdapterConfig, AdapterSet, AdapterSpec, BaseModel, 
 use reft::generate::{generate, GenerationConfig};
 use reft::intervention::{Activation, Kind};
 use reft::model::llama::ForwardInput;
-use reft::model::{Component, Decoder, DecoderConfig, Hooks, PromptLayout};
-use reft::weights::WeightSource;
+use reft::model::{Component, Decoder, Hooks, PromptLayout};
 use reft::LanguageModel;
-
-fn tiny_llama() -> Decoder {
-    let dir = fixtures_dir().join("models/tiny-llama");
-    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    Decoder::load(
-        &WeightSource::open_hf_folder(&dir).unwrap(),
-        cfg,
-        &Device::Cpu,
-        DType::F32,
-        false,
-    )
-    .unwrap()
-}
 
 fn spec(kind: Kind, layers: &str, positions: &str, tied: bool) -> InterventionSpec {
     InterventionSpec {
@@ -87,7 +73,7 @@ fn logits_with(m: &Decoder, a: &mut Adapter, ids: &[Vec<u32>]) -> Tensor {
 
 #[test]
 fn native_round_trip_is_exact_for_every_kind() {
-    let m = tiny_llama();
+    let m = tiny_decoder("tiny-llama", DType::F32);
     let cfg = m.config().clone();
     let mut a = every_kind_adapter(cfg.num_layers, cfg.hidden_size);
     let dir = tempfile::tempdir().unwrap();
@@ -111,7 +97,7 @@ fn native_round_trip_is_exact_for_every_kind() {
 
 #[test]
 fn adapter_for_another_model_and_bad_files_are_clear_errors() {
-    let m = tiny_llama();
+    let m = tiny_decoder("tiny-llama", DType::F32);
     let cfg = m.config().clone();
     let a = every_kind_adapter(cfg.num_layers, cfg.hidden_size);
     let dir = tempfile::tempdir().unwrap();

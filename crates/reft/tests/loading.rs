@@ -105,17 +105,6 @@ fn gguf_decoder(path: &Path, quantized: bool) -> reft::Result<Decoder> {
     )
 }
 
-fn hf_decoder(dir: &Path) -> reft::Result<Decoder> {
-    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json"))?;
-    Decoder::load(
-        &WeightSource::open_hf_folder(dir)?,
-        cfg,
-        &Device::Cpu,
-        DType::F32,
-        false,
-    )
-}
-
 fn logits(m: &Decoder, ids: &[u32]) -> Tensor {
     let t = Tensor::new(ids, &Device::Cpu)
         .unwrap()
@@ -134,7 +123,7 @@ fn gguf_with_permuted_query_key_matches_the_hf_folder() {
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, GgmlDType::F32);
     let ids = [3u32, 77, 120, 5, 300, 9, 41];
-    let hf = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
+    let hf = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
     let gg = logits(&gguf_decoder(&path, false).unwrap(), &ids);
     let err = max_abs_diff(&hf, &gg);
     assert!(err < 1e-5, "GGUF vs HF logits differ by {err}");
@@ -251,7 +240,7 @@ fn safetensors_with_a_wrong_shape_is_named() {
         })
         .collect();
     let dir = folder_with(tensors);
-    match expect_err(hf_decoder(dir.path()), "wrong shape") {
+    match expect_err(folder_decoder(dir.path(), DType::F32), "wrong shape") {
         Error::ShapeMismatch {
             name,
             expected,
@@ -275,13 +264,17 @@ fn safetensors_missing_or_truncated_are_errors() {
             .filter(|(n, _)| n != gone)
             .collect(),
     );
-    let msg = expect_err(hf_decoder(dir.path()), "missing tensor").to_string();
+    let msg = expect_err(folder_decoder(dir.path(), DType::F32), "missing tensor").to_string();
     assert!(msg.contains(gone), "{msg}");
 
     let st = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    let msg = expect_err(hf_decoder(dir.path()), "truncated safetensors").to_string();
+    let msg = expect_err(
+        folder_decoder(dir.path(), DType::F32),
+        "truncated safetensors",
+    )
+    .to_string();
     assert!(
         msg.contains("model.safetensors") && msg.contains("not a valid safetensors"),
         "{msg}"
@@ -339,22 +332,22 @@ fn sharded_safetensors_load_like_one_file() {
     )
     .unwrap();
     let ids = [3u32, 77, 120, 5];
-    let one = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
-    let sharded = logits(&hf_decoder(dir.path()).unwrap(), &ids);
+    let one = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
+    let sharded = logits(&folder_decoder(dir.path(), DType::F32).unwrap(), &ids);
     assert_eq!(max_abs_diff(&one, &sharded), 0.0);
 }
 
 #[test]
 fn bf16_and_f16_weights_become_f32() {
     let ids = [3u32, 77, 120, 5];
-    let reference = logits(&hf_decoder(&tiny_llama_dir()).unwrap(), &ids);
+    let reference = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
     for dt in [DType::BF16, DType::F16] {
         let tensors = hf_tensors()
             .into_iter()
             .map(|(n, t)| (n, t.to_dtype(dt).unwrap()))
             .collect();
         let dir = folder_with(tensors);
-        let m = hf_decoder(dir.path()).unwrap();
+        let m = folder_decoder(dir.path(), DType::F32).unwrap();
         let l = logits(&m, &ids);
         assert_eq!(l.dtype(), DType::F32);
         let err = max_abs_diff(&reference, &l);

@@ -164,9 +164,7 @@ fn tiny_model_cases_match_reference() {
 fn check_decoder_case(case: &Case, model_dir: &Path) {
     let dev = Device::Cpu;
     // The tiny models ship no tokenizer: load the decoder alone.
-    let cfg = reft::model::DecoderConfig::from_hf_json(&model_dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(model_dir).unwrap();
-    let decoder = reft::model::Decoder::load(&src, cfg, &dev, DType::F32, false).unwrap();
+    let decoder = folder_decoder(model_dir, DType::F32).unwrap();
     let ids = matrix_u32(&case.json["input_ids"]);
     let mask = matrix_u32(&case.json["attention_mask"]);
     let labels = matrix_i64(&case.json["labels"]);

@@ -13,7 +13,7 @@ use common::*;
 use reft::adapter::pickle::{read_torch_file, PickleValue};
 use reft::model::bert::{Encoder, EncoderConfig};
 use reft::model::llama::ForwardInput;
-use reft::model::{Decoder, DecoderConfig, NoHooks};
+use reft::model::{Decoder, NoHooks};
 use reft::weights::{LoadContext, WeightSource};
 use reft::{Error, LanguageModel};
 
@@ -23,17 +23,6 @@ fn data_dir() -> PathBuf {
 
 fn fixture_model(name: &str) -> PathBuf {
     fixtures_dir().join("models").join(name)
-}
-
-fn decoder(dir: &Path) -> reft::Result<Decoder> {
-    let cfg = DecoderConfig::from_hf_json(&dir.join("config.json"))?;
-    Decoder::load(
-        &WeightSource::open_hf_folder(dir)?,
-        cfg,
-        &Device::Cpu,
-        DType::F32,
-        false,
-    )
 }
 
 const IDS: [u32; 7] = [3, 77, 120, 5, 300, 9, 41];
@@ -92,9 +81,9 @@ fn llama_bin_folder_gives_the_safetensors_logits_exactly() {
     let bin_dir = data_dir().join("tiny-llama");
     let src = WeightSource::open_hf_folder(&bin_dir).unwrap();
     assert!(matches!(src, WeightSource::Torch(_)));
-    let want = logits(&decoder(&fixture_model("tiny-llama")).unwrap());
+    let want = logits(&tiny_decoder("tiny-llama", DType::F32));
     assert_same(
-        &logits(&decoder(&bin_dir).unwrap()),
+        &logits(&folder_decoder(&bin_dir, DType::F32).unwrap()),
         &want,
         "decoder logits",
     );
@@ -147,10 +136,14 @@ fn bf16_bin_matches_the_safetensors_model_rounded_to_bf16() {
     )
     .unwrap();
     candle_core::safetensors::save(&rounded, tmp.path().join("model.safetensors")).unwrap();
-    let bin = logits(&decoder(&bin_dir).unwrap());
-    assert_same(&bin, &logits(&decoder(tmp.path()).unwrap()), "bf16 logits");
+    let bin = logits(&folder_decoder(&bin_dir, DType::F32).unwrap());
+    assert_same(
+        &bin,
+        &logits(&folder_decoder(tmp.path(), DType::F32).unwrap()),
+        "bf16 logits",
+    );
     // And stays within bf16's precision of the f32 model.
-    let f32_logits = logits(&decoder(&fixture_model("tiny-llama")).unwrap());
+    let f32_logits = logits(&tiny_decoder("tiny-llama", DType::F32));
     let err = rel_err(&bin, &f32_logits);
     assert!(err > 0.0 && err < 2e-2, "bf16 vs f32 relative error {err}");
 }
@@ -281,7 +274,7 @@ fn folder_with_bin(tmp: &Path, bin: &[u8]) -> PathBuf {
 }
 
 fn open_err(dir: &Path) -> String {
-    match WeightSource::open_hf_folder(dir).and_then(|_| decoder(dir)) {
+    match WeightSource::open_hf_folder(dir).and_then(|_| folder_decoder(dir, DType::F32)) {
         Ok(_) => panic!("{} must not load", dir.display()),
         Err(e) => {
             assert!(matches!(e, Error::BadWeights { .. }), "{e:?}");

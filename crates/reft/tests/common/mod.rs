@@ -15,13 +15,18 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
+/// The decoder of a Hugging Face folder (`config.json` and its weights; no tokenizer needed) on
+/// the CPU in `dtype`.
+pub fn folder_decoder(dir: &std::path::Path, dtype: DType) -> reft::Result<reft::model::Decoder> {
+    let cfg = reft::model::DecoderConfig::from_hf_json(&dir.join("config.json"))?;
+    let src = reft::weights::WeightSource::open_hf_folder(dir)?;
+    reft::model::Decoder::load(&src, cfg, &Device::Cpu, dtype, false)
+}
+
 /// A tiny fixture decoder (`tiny-llama`, `tiny-qwen2`, `tiny-gpt2`) on the CPU in `dtype`; the
 /// tiny folders ship no tokenizer, so the decoder alone.
 pub fn tiny_decoder(name: &str, dtype: DType) -> reft::model::Decoder {
-    let dir = fixtures_dir().join("models").join(name);
-    let cfg = reft::model::DecoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(&dir).unwrap();
-    reft::model::Decoder::load(&src, cfg, &Device::Cpu, dtype, false).unwrap()
+    folder_decoder(&fixtures_dir().join("models").join(name), dtype).unwrap()
 }
 
 /// A freshly initialised adapter for `decoder` from an adapter-spec JSON
