@@ -7,7 +7,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+use common::adapter_for_dims;
+use reft::adapter::Adapter;
 use reft::eval::metrics::accuracy;
 use reft::model::bert::Encoder;
 use reft::tokenizer::Tokenizer;
@@ -15,6 +16,17 @@ use reft::train::classify::{
     hidden_states, predict, score, train_classifier, ClassifyConfig, Head, HeadKind, HeadSpec,
     Inputs, Labels, Problem,
 };
+
+/// The adapter's first trainable tensor, flattened (to see whether training moved it).
+fn first_param(a: &Adapter) -> Vec<f32> {
+    a.vars()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
 
 #[test]
 fn probe_and_loreft_with_head_learn_sst2() {
@@ -67,25 +79,14 @@ fn probe_and_loreft_with_head_learn_sst2() {
         test_y,
     );
 
-    let spec: AdapterSpec = serde_json::from_str(
+    let mut adapter = adapter_for_dims(
+        encoder.config().num_layers,
+        d,
         r#"{"interventions": [{"kind": "loreft", "layers": "2;4", "rank": 4, "positions": "f1+l1"}]}"#,
-    )
-    .unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(encoder.config().num_layers).unwrap(),
-        template: None,
-        training: None,
-    };
-    let mut adapter = Adapter::init(config, d, 42, DType::F32, &dev).unwrap();
-    let before: Vec<f32> = adapter.vars()[0]
-        .1
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        42,
+        DType::F32,
+    );
+    let before = first_param(&adapter);
     let head = Head::mean(d, 2, 1, &dev).unwrap();
     train_classifier(
         &encoder,
@@ -97,14 +98,11 @@ fn probe_and_loreft_with_head_learn_sst2() {
         &cc,
     )
     .unwrap();
-    let after: Vec<f32> = adapter.vars()[0]
-        .1
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_ne!(before, after, "the intervention was not trained");
+    assert_ne!(
+        before,
+        first_param(&adapter),
+        "the intervention was not trained"
+    );
     let acc = accuracy(
         predict(
             &encoder,
@@ -318,29 +316,15 @@ fn pooler_and_roberta_heads_learn_sst2() {
         assert!(acc > 0.6, "{kind} head accuracy {acc}");
     }
 
-    let spec: AdapterSpec = serde_json::from_str(
-        r#"{"interventions": [{"kind": "loreft", "layers": "4", "rank": 2, "positions": "f1"}]}"#,
-    )
-    .unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(encoder.config().num_layers).unwrap(),
-        template: None,
-        training: None,
-    };
     let d = encoder.config().hidden_size;
-    let mut adapter = Adapter::init(config, d, 42, DType::F32, &Device::Cpu).unwrap();
-    let param = |a: &Adapter| -> Vec<f32> {
-        a.vars()[0]
-            .1
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let before = param(&adapter);
+    let mut adapter = adapter_for_dims(
+        encoder.config().num_layers,
+        d,
+        r#"{"interventions": [{"kind": "loreft", "layers": "4", "rank": 2, "positions": "f1"}]}"#,
+        42,
+        DType::F32,
+    );
+    let before = first_param(&adapter);
     let head = Head::for_encoder(
         &encoder,
         HeadSpec {
@@ -362,7 +346,11 @@ fn pooler_and_roberta_heads_learn_sst2() {
         &few,
     )
     .unwrap();
-    assert_ne!(before, param(&adapter), "the intervention was not trained");
+    assert_ne!(
+        before,
+        first_param(&adapter),
+        "the intervention was not trained"
+    );
 }
 
 /// Regression (MSE on one output): SST-2 labels as the numbers 0.0 and 1.0, a mean head and a

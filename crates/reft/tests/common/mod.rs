@@ -37,15 +37,26 @@ pub fn adapter_from_spec(
     seed: u64,
     dtype: DType,
 ) -> reft::adapter::Adapter {
+    let c = decoder.config();
+    adapter_for_dims(c.num_layers, c.hidden_size, spec, seed, dtype)
+}
+
+/// [`adapter_from_spec`] for any model (an encoder, say) of `num_layers` layers of width `d`.
+pub fn adapter_for_dims(
+    num_layers: usize,
+    d: usize,
+    spec: &str,
+    seed: u64,
+    dtype: DType,
+) -> reft::adapter::Adapter {
     let spec: reft::adapter::AdapterSpec = serde_json::from_str(spec).unwrap();
     let config = reft::adapter::AdapterConfig {
         format_version: 1,
         base_model: None,
-        interventions: spec.expand(decoder.config().num_layers).unwrap(),
+        interventions: spec.expand(num_layers).unwrap(),
         template: None,
         training: None,
     };
-    let d = decoder.config().hidden_size;
     reft::adapter::Adapter::init(config, d, seed, dtype, &Device::Cpu).unwrap()
 }
 
