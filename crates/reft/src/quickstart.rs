@@ -12,19 +12,14 @@ use crate::{Error, Result};
 /// The ten prompt → emoji pairs (the project's own copy of pyreft's quickstart data).
 pub const DATA: &str = include_str!("../data/quickstart_emoji.jsonl");
 
-/// Prompts that are not in the data, for judging whether the adapter generalises.
-pub const HELD_OUT: [&str; 10] = [
-    "What is the capital of France?",
-    "How do I bake bread?",
-    "Tell me a joke about cats.",
-    "What is your favourite colour?",
-    "Explain photosynthesis in one sentence.",
-    "Which is bigger, the Moon or the Earth?",
-    "Recommend a good book.",
-    "How are you today?",
-    "What should I cook for dinner?",
-    "Describe the ocean.",
-];
+/// Prompts that are not in the data, for judging whether the adapter generalises: one per line
+/// of `data/quickstart_held_out.txt`, which `examples/pyreft/quickstart.py` reads too.
+pub fn held_out() -> Vec<&'static str> {
+    include_str!("../data/quickstart_held_out.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
 
 /// The prompt template: the model's chat template.
 pub const TEMPLATE: Template = Template::Chat;

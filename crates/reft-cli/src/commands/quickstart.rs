@@ -49,7 +49,8 @@ pub fn run(a: Args) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    let prompts: Vec<Vec<u32>> = quickstart::HELD_OUT
+    let held_out = quickstart::held_out();
+    let prompts: Vec<Vec<u32>> = held_out
         .iter()
         .map(|q| {
             lm.tokenizer
@@ -79,7 +80,7 @@ pub fn run(a: Args) -> Result<()> {
         &mut |_, _| {},
     )?;
     let mut emoji_only = 0;
-    for ((q, p), s) in quickstart::HELD_OUT.iter().zip(&plain).zip(&steered) {
+    for ((q, p), s) in held_out.iter().zip(&plain).zip(&steered) {
         let ok = !s.text.chars().any(char::is_alphabetic) && !s.text.trim().is_empty();
         emoji_only += usize::from(ok);
         println!(
@@ -90,7 +91,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!(
         "{emoji_only}/{} answers with the adapter have no letters",
-        quickstart::HELD_OUT.len()
+        held_out.len()
     );
     println!(
         "adapter, metrics.jsonl and loss.png are in {}",

@@ -19,19 +19,13 @@ import torch
 import transformers
 import pyreft
 
-HELD_OUT = [
-    "What is the capital of France?",
-    "How do I bake bread?",
-    "Tell me a joke about cats.",
-    "What is your favourite colour?",
-    "Explain photosynthesis in one sentence.",
-    "Which is bigger, the Moon or the Earth?",
-    "Recommend a good book.",
-    "How are you today?",
-    "What should I cook for dinner?",
-    "Describe the ocean.",
-]
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def data_lines(name):
+    """The non-empty lines of a file in the crate's data folder (shared with reft)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "data" / name
+    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 def prompt(question):
@@ -45,8 +39,8 @@ def main():
     hf_dir = sys.argv[1]
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 42
     epochs = float(sys.argv[3]) if len(sys.argv) > 3 else 100.0
-    data_file = pathlib.Path(__file__).resolve().parents[2] / "data" / "quickstart_emoji.jsonl"
-    data = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+    data = [json.loads(line) for line in data_lines("quickstart_emoji.jsonl")]
+    held_out = data_lines("quickstart_held_out.txt")
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -96,7 +90,7 @@ def main():
           f"({seconds / max(trainer.state.global_step, 1):.2f} s per step)")
 
     emoji_only = 0
-    for question in HELD_OUT:
+    for question in held_out:
         ids = tok(prompt(question), return_tensors="pt", return_token_type_ids=False)
         last = ids.input_ids.shape[-1] - 1
         _, out = reft_model.generate(
@@ -110,7 +104,7 @@ def main():
         text = tok.decode(out[0][ids.input_ids.shape[-1]:], skip_special_tokens=True)
         emoji_only += text.strip() != "" and not any(c.isalpha() for c in text)
         print(f"{question} -> {text!r}")
-    print(f"{emoji_only}/{len(HELD_OUT)} answers with the adapter have no letters")
+    print(f"{emoji_only}/{len(held_out)} answers with the adapter have no letters")
 
 
 if __name__ == "__main__":
