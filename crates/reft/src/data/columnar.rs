@@ -172,13 +172,13 @@ pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value
             || file
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-        let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>> = if parquet
-        {
+        let batches = if parquet {
             parquet_batches(reader.into_inner(), columns)
-                .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?
         } else {
-            arrow_batches(reader).map_err(&bad)?
-        };
+            let file_format = magic.starts_with(b"ARROW1");
+            arrow_batches(reader, file_format)
+        }
+        .map_err(&bad)?;
         for batch in batches {
             let batch = batch.map_err(&bad)?;
             let cols: Vec<(&str, &dyn Array)> = columns
@@ -200,8 +200,11 @@ pub(super) fn read_rows(files: &[PathBuf], columns: &[&str]) -> Result<Vec<Value
 
 type Batches = Box<dyn Iterator<Item = std::result::Result<RecordBatch, String>>>;
 
-/// The record batches of an Arrow IPC file or stream (an IPC file starts with `ARROW1`).
-fn arrow_batches(mut reader: BufReader<File>) -> std::result::Result<Batches, String> {
+/// The record batches of an Arrow IPC file (`file_format`: it starts with `ARROW1`) or stream.
+fn arrow_batches(
+    reader: BufReader<File>,
+    file_format: bool,
+) -> std::result::Result<Batches, String> {
     fn unreadable(e: ArrowError) -> String {
         let hint = match &e {
             ArrowError::IoError(_, io) if io.kind() == ErrorKind::UnexpectedEof => " (truncated?)",
@@ -209,10 +212,6 @@ fn arrow_batches(mut reader: BufReader<File>) -> std::result::Result<Batches, St
         };
         format!("not a readable Arrow IPC file{hint}: {e}")
     }
-    let file_format = reader
-        .fill_buf()
-        .map_err(|e| e.to_string())?
-        .starts_with(b"ARROW1");
     Ok(if file_format {
         Box::new(
             FileReader::try_new(reader, None)
@@ -230,7 +229,10 @@ fn arrow_batches(mut reader: BufReader<File>) -> std::result::Result<Batches, St
 
 /// The record batches of a Parquet file, decoding only the top-level `columns` it has.
 fn parquet_batches(file: File, columns: &[&str]) -> std::result::Result<Batches, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+    fn unreadable(e: impl std::fmt::Display) -> String {
+        format!("not a readable Parquet file: {e}")
+    }
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(unreadable)?;
     let roots: Vec<usize> = builder
         .schema()
         .fields()
@@ -240,13 +242,8 @@ fn parquet_batches(file: File, columns: &[&str]) -> std::result::Result<Batches,
         .map(|(i, _)| i)
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .map_err(|e| e.to_string())?;
-    Ok(Box::new(reader.map(|b| {
-        b.map_err(|e| format!("not a readable Parquet file: {e}"))
-    })))
+    let reader = builder.with_projection(mask).build().map_err(unreadable)?;
+    Ok(Box::new(reader.map(|b| b.map_err(unreadable))))
 }
 
 /// Element `i` of an Arrow array as JSON: strings, numbers, booleans, lists as arrays, structs as
