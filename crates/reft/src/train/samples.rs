@@ -28,7 +28,7 @@ impl Trainer<'_> {
     /// The current adapter's greedy answers to the first `n` held-out prompts (fewer if there
     /// are fewer), with dropout off; after `epoch`.
     pub fn eval_samples(&mut self, n: usize, epoch: usize) -> Result<Vec<Sample>> {
-        let picked: Vec<_> = self.eval.iter().take(n).cloned().collect();
+        let picked = &self.eval[..n.min(self.eval.len())];
         if picked.is_empty() {
             return Ok(Vec::new());
         }
