@@ -23,6 +23,35 @@ enum LabelColumn {
 }
 
 impl LabelColumn {
+    /// An empty column for `problem`'s labels.
+    fn new(problem: Problem) -> Self {
+        match problem {
+            Problem::SingleLabel => LabelColumn::Classes(Vec::new()),
+            Problem::Regression => LabelColumn::Values(Vec::new()),
+            Problem::MultiLabel => LabelColumn::Sets(Vec::new()),
+        }
+    }
+
+    /// What a label of this column is, for error messages.
+    fn wanted(&self) -> &'static str {
+        match self {
+            LabelColumn::Classes(_) => "a class id",
+            LabelColumn::Values(_) => "a number",
+            LabelColumn::Sets(_) => "a list of class ids",
+        }
+    }
+
+    /// Parses a record's field as this column's kind of label and appends it; `None` (nothing
+    /// appended) when it is not one.
+    fn push(&mut self, v: &Value) -> Option<()> {
+        match self {
+            LabelColumn::Classes(c) => c.push(class_id(v)?),
+            LabelColumn::Values(x) => x.push(number(v)?),
+            LabelColumn::Sets(s) => s.push(class_set(v)?),
+        }
+        Some(())
+    }
+
     fn labels(&self) -> Labels<'_> {
         match self {
             LabelColumn::Classes(c) => Labels::Classes(c),
@@ -62,36 +91,30 @@ fn class_id(v: &Value) -> Option<usize> {
     }
 }
 
-/// One label of `problem` from a record's field: a class id; a number (regression); or a set
-/// of class ids (multi-label): a JSON list (`[0, 3]`), or a string of ids separated by commas
-/// or spaces (`"0,3"`, CSV/TSV files), possibly in brackets; empty means no class.
-fn parse_label(v: &Value, problem: Problem) -> Option<LabelValue> {
-    Some(match problem {
-        Problem::SingleLabel => LabelValue::Class(class_id(v)?),
-        Problem::Regression => LabelValue::Value(match v {
-            Value::Number(x) => x.as_f64()? as f32,
-            Value::String(s) => s.trim().parse().ok()?,
-            _ => return None,
-        }),
-        Problem::MultiLabel => LabelValue::Set(match v {
-            Value::Array(items) => items.iter().map(class_id).collect::<Option<_>>()?,
-            Value::String(s) => s
-                .trim()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .split([',', ' '])
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| p.trim().parse().ok())
-                .collect::<Option<_>>()?,
-            _ => return None,
-        }),
-    })
+/// A regression target: a number, or a string holding one.
+fn number(v: &Value) -> Option<f32> {
+    match v {
+        Value::Number(x) => Some(x.as_f64()? as f32),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
-enum LabelValue {
-    Class(usize),
-    Value(f32),
-    Set(Vec<usize>),
+/// A multi-label set of class ids: a JSON list (`[0, 3]`), or a string of ids separated by
+/// commas or spaces (`"0,3"`, CSV/TSV files), possibly in brackets; empty means no class.
+fn class_set(v: &Value) -> Option<Vec<usize>> {
+    match v {
+        Value::Array(items) => items.iter().map(class_id).collect(),
+        Value::String(s) => s
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split([',', ' '])
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.trim().parse().ok())
+            .collect(),
+        _ => None,
+    }
 }
 
 /// Texts, labels of `problem` and (with `pair`) second texts from a data file or `datasets`
@@ -110,16 +133,7 @@ fn labelled(
         .with_context(|| format!("reading {}", path.display()))?;
     let mut texts = Vec::with_capacity(rows.len());
     let mut pairs = pair.map(|_| Vec::with_capacity(rows.len()));
-    let mut labels = match problem {
-        Problem::SingleLabel => LabelColumn::Classes(Vec::new()),
-        Problem::Regression => LabelColumn::Values(Vec::new()),
-        Problem::MultiLabel => LabelColumn::Sets(Vec::new()),
-    };
-    let wanted = match problem {
-        Problem::SingleLabel => "a class id",
-        Problem::Regression => "a number",
-        Problem::MultiLabel => "a list of class ids",
-    };
+    let mut labels = LabelColumn::new(problem);
     for (n, r) in rows {
         if let (Some(field), Some(out)) = (pair, pairs.as_mut()) {
             let p = r[field].as_str().with_context(|| {
@@ -130,18 +144,13 @@ fn labelled(
         let t = r[text]
             .as_str()
             .with_context(|| format!("{}: {unit} {n}: no text field `{text}`", path.display()))?;
-        let l = parse_label(&r[label], problem).with_context(|| {
+        labels.push(&r[label]).with_context(|| {
             format!(
-                "{}: {unit} {n}: `{label}` is not {wanted} ({problem} problem)",
-                path.display()
+                "{}: {unit} {n}: `{label}` is not {} ({problem} problem)",
+                path.display(),
+                labels.wanted()
             )
         })?;
-        match (&mut labels, l) {
-            (LabelColumn::Classes(c), LabelValue::Class(x)) => c.push(x),
-            (LabelColumn::Values(v), LabelValue::Value(x)) => v.push(x),
-            (LabelColumn::Sets(s), LabelValue::Set(x)) => s.push(x),
-            _ => unreachable!("parsed for the same problem"),
-        }
         texts.push(t.to_string());
     }
     if texts.is_empty() {
@@ -322,10 +331,7 @@ mod tests {
     use serde_json::json;
 
     fn set(v: Value) -> Option<Vec<usize>> {
-        match parse_label(&v, Problem::MultiLabel)? {
-            LabelValue::Set(s) => Some(s),
-            _ => None,
-        }
+        class_set(&v)
     }
 
     #[test]
@@ -340,17 +346,11 @@ mod tests {
         assert_eq!(set(json!("a,b")), None);
         assert_eq!(set(json!([-1])), None);
         assert_eq!(set(json!(3)), None);
-        let value = |v: Value| match parse_label(&v, Problem::Regression) {
-            Some(LabelValue::Value(x)) => Some(x),
-            _ => None,
-        };
+        let value = |v: Value| number(&v);
         assert_eq!(value(json!(2.5)), Some(2.5));
         assert_eq!(value(json!(" -1.25 ")), Some(-1.25));
         assert_eq!(value(json!("high")), None);
-        let class = |v: Value| match parse_label(&v, Problem::SingleLabel) {
-            Some(LabelValue::Class(c)) => Some(c),
-            _ => None,
-        };
+        let class = |v: Value| class_id(&v);
         assert_eq!(class(json!(2)), Some(2));
         assert_eq!(class(json!("1")), Some(1));
         assert_eq!(class(json!(1.5)), None);
