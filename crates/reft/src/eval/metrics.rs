@@ -52,9 +52,8 @@ pub fn macro_f1(pred: &[usize], gold: &[usize], num_labels: usize) -> f64 {
     }
     let (mut sum, mut count) = (0.0, 0usize);
     for k in 0..num_labels {
-        let denom = n_pred[k] + n_gold[k]; // = 2·tp + fp + fn
-        if denom > 0 {
-            sum += 2.0 * tp[k] as f64 / denom as f64;
+        if n_pred[k] + n_gold[k] > 0 {
+            sum += f1(tp[k], n_pred[k] - tp[k], n_gold[k] - tp[k]);
             count += 1;
         }
     }
@@ -163,6 +162,17 @@ fn average_ranks(v: &[f64]) -> Vec<f64> {
     ranks
 }
 
+/// F1 from counts, `2·tp / (2·tp + fp + fn)`; 0 when all three are 0 (sklearn's
+/// `zero_division=0`).
+fn f1(tp: u64, fp: u64, fneg: u64) -> f64 {
+    let denom = 2 * tp + fp + fneg;
+    if denom == 0 {
+        0.0
+    } else {
+        2.0 * tp as f64 / denom as f64
+    }
+}
+
 /// Mean squared error `Σ (pred − gold)² / n` (sklearn `mean_squared_error`). NaN for empty
 /// input.
 pub fn mean_squared_error(pred: &[f64], gold: &[f64]) -> f64 {
@@ -241,12 +251,7 @@ pub fn multilabel_micro_f1(pred: &[Vec<usize>], gold: &[Vec<usize>], num_labels:
     let (tp, fp, fneg) = multilabel_counts(pred, gold, num_labels)
         .into_iter()
         .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
-    let denom = 2 * tp + fp + fneg;
-    if denom == 0 {
-        0.0
-    } else {
-        2.0 * tp as f64 / denom as f64
-    }
+    f1(tp, fp, fneg)
 }
 
 /// Macro-averaged multi-label F1 (sklearn `f1_score(Y, P, average="macro")` on indicator
@@ -259,14 +264,7 @@ pub fn multilabel_macro_f1(pred: &[Vec<usize>], gold: &[Vec<usize>], num_labels:
     }
     let sum: f64 = multilabel_counts(pred, gold, num_labels)
         .into_iter()
-        .map(|(tp, fp, fneg)| {
-            let denom = 2 * tp + fp + fneg;
-            if denom == 0 {
-                0.0
-            } else {
-                2.0 * tp as f64 / denom as f64
-            }
-        })
+        .map(|(tp, fp, fneg)| f1(tp, fp, fneg))
         .sum();
     sum / num_labels as f64
 }
