@@ -330,7 +330,7 @@ fn plan(a: &Args) -> Result<Plan> {
 
 pub fn run(mut a: Args) -> Result<()> {
     a.merge_file()?;
-    let p = plan(&a)?;
+    let mut p = plan(&a)?;
     match a.task.as_deref().unwrap_or("causal") {
         "causal" => {}
         "classify" => {
@@ -342,10 +342,20 @@ pub fn run(mut a: Args) -> Result<()> {
         other => bail!("unknown --task `{other}` (causal, classify)"),
     }
     let data = a.data.clone().context("--data FILE is required")?;
-    let lm = a.model.load()?;
-    let mut p = p;
     if let Some(dir) = &a.init {
-        let adapter = open_init(&a, dir, &lm)?;
+        check_init_flags(&a, dir)?;
+    }
+    let lm = a.model.load()?;
+    if let Some(dir) = &a.init {
+        let positions = a.positions.as_deref().unwrap_or("l1");
+        let adapter = Adapter::open(
+            dir,
+            Some(&BaseModel::of(&lm)),
+            positions,
+            DType::F32,
+            lm.decoder.device(),
+        )
+        .with_context(|| format!("cannot load the --init adapter {}", dir.display()))?;
         if a.template.is_none() {
             if let Some(t) = &adapter.config().template {
                 p.template = t.parse()?;
@@ -393,8 +403,9 @@ pub fn run(mut a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The `--init` adapter, refusing the flags that would describe another one.
-fn open_init(a: &Args, dir: &Path, lm: &LanguageModel) -> Result<Adapter> {
+/// Refuses, before the model is loaded, the flags that cannot go with `--init`: those that
+/// would describe another adapter, `--resume`, and `--positions` for a reft folder.
+fn check_init_flags(a: &Args, dir: &Path) -> Result<()> {
     if a.resume.is_some() {
         bail!("--init and --resume: a resumed run restores its own adapter");
     }
@@ -425,10 +436,7 @@ fn open_init(a: &Args, dir: &Path, lm: &LanguageModel) -> Result<Adapter> {
             dir.display()
         );
     }
-    let positions = a.positions.as_deref().unwrap_or("l1");
-    let base = BaseModel::of(lm);
-    Adapter::open(dir, Some(&base), positions, DType::F32, lm.decoder.device())
-        .with_context(|| format!("cannot load the --init adapter {}", dir.display()))
+    Ok(())
 }
 
 /// `s` on one line, newlines shown as ⏎.
