@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-#[path = "../../reft/tests/common/gpt2_folder.rs"]
+#[path = "../../reft/tests/integration/common/gpt2_folder.rs"]
 mod gpt2_folder;
 
 fn reft(args: &[&str]) -> std::process::Output {

@@ -1,7 +1,7 @@
 """Writes the Parquet test files with pyarrow (26.0.1 here), as Python users produce them.
 
 Run from this folder: python make.py. The expected records are written out by hand in
-tests/data_columnar.rs, not read from here.
+tests/integration/data_columnar.rs, not read from here.
 """
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -1,13 +1,11 @@
 //! Adapters: every kind through save/load, base-model checks, bad files, orthogonality under
 //! training, several adapters at once, batched generation with positions under left padding.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use common::*;
 use reft::adapter::config::LayerSpec;
 use reft::adapter::{Adapter, AdapterConfig, AdapterSet, AdapterSpec, BaseModel, InterventionSpec};
 use reft::generate::{generate, GenerationConfig};

@@ -4,10 +4,8 @@
 //! accuracies follow from those log-likelihoods. Generation: greedy answers scored by
 //! normalised exact match.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, D};
-use common::*;
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::choice::option_log_likelihoods;
 use reft::eval::{evaluate_choice, read_choice_items, ChoiceFields, ChoiceFormat, ChoiceItem};

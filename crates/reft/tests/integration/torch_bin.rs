@@ -3,13 +3,11 @@
 //! the safetensors fixtures, tied and strided tensors come out right, the legacy (non-zip)
 //! format reads the same, and hostile or damaged files are refused with errors naming the file.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use reft::adapter::pickle::{read_torch_file, PickleValue};
 use reft::model::bert::{Encoder, EncoderConfig};
 use reft::model::llama::ForwardInput;

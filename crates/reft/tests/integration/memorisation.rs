@@ -3,10 +3,8 @@
 //! key prompt `GO->`, and after training the frozen model reproduces a 119-token passage (that
 //! it has never seen: it was written for this test) exactly under greedy decoding, then stops.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::data::{tokenize, Record, Template, TokenizeOptions};
 use reft::generate::{generate, GenerationConfig};

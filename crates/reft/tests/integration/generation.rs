@@ -1,10 +1,9 @@
 //! Generation on the real model: batching with left padding, stop strings, streaming; and on
 //! tiny-gpt2: the KV cache against full passes, with and without an intervention.
 
-mod common;
-
+use crate::common;
+use crate::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
-use common::max_abs_diff;
 use reft::adapter::Adapter;
 use reft::generate::{generate, FinishReason, GenerationConfig};
 use reft::model::llama::ForwardInput;

@@ -10,13 +10,11 @@
 //! intervention saved as an adapter folder and loaded back; MiniLM's hidden states plain and with
 //! a LoReFT; both models' tokenizer cases.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use reft::adapter::{Adapter, AdapterConfig, BaseModel, InterventionConfig};
 use reft::generate::{generate, GenerationConfig};
 use reft::intervention::Intervention;

@@ -4,10 +4,8 @@
 //! frozen linears, LM head) and on `tiny-gpt2` (learned positions, LayerNorm, GELU MLP, biases,
 //! tied head).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
 use rand::{Rng, SeedableRng};
 use reft::model::llama::ForwardInput;
 use reft::model::{Component, FnHooks, Site};

@@ -2,13 +2,11 @@
 //! the failure modes of bad inputs — each a clear error that names the file, tensor or key at
 //! fault, never a panic.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use reft::model::llama::ForwardInput;
 use reft::model::{Decoder, DecoderConfig, NoHooks};
 use reft::weights::{GgufFile, WeightSource};

@@ -4,10 +4,8 @@
 //! trainer's layout — a cached prefix left-padded to the longest and right-padded tails — and
 //! with a hook inside a layer that splits the fused run in two.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
 use rand::{Rng, SeedableRng};
 use reft::model::llama::ForwardInput;
 use reft::model::{Component, Decoder, FnHooks, KvCache, NoHooks, Site};

@@ -4,10 +4,8 @@
 //! regression head fits the labels as numbers, a multi-label head learns topic sets; bad labels
 //! are refused.
 
-mod common;
-
+use crate::common::adapter_for_dims;
 use candle_core::{DType, Device, Tensor};
-use common::adapter_for_dims;
 use reft::adapter::Adapter;
 use reft::eval::metrics::accuracy;
 use reft::model::bert::Encoder;

@@ -1,10 +1,8 @@
 //! pyreft interop on the real model: the fixture adapter saved by pyreft reproduces pyreft's own
 //! generations; exporting and re-importing is exact.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use reft::adapter::{Adapter, BaseModel};
 use reft::generate::{generate, GenerationConfig};
 use reft::LanguageModel;

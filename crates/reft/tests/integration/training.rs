@@ -1,10 +1,8 @@
 //! Training on `tiny-llama` (and `tiny-gpt2`): the prefix cache changes nothing but speed, and an
 //! interrupted and resumed run ends with the same adapter as an uninterrupted one.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use reft::adapter::Adapter;
 use reft::data::Example;
 use reft::generate::{generate, GenerationConfig};

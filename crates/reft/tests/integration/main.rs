@@ -1,0 +1,19 @@
+//! The integration tests, one binary: each module is what used to be its own `tests/*.rs` target.
+//! One binary links once instead of fifteen times, which keeps test builds small and quick.
+
+mod common;
+
+mod adapters;
+mod classify;
+mod data_columnar;
+mod eval_choice;
+mod fused_layers;
+mod generation;
+mod gradients;
+mod loading;
+mod memorisation;
+mod parity;
+mod pyreft_files;
+mod pyreft_interop;
+mod torch_bin;
+mod training;
