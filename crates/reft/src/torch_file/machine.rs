@@ -290,10 +290,7 @@ impl<'a> Machine<'a> {
     }
 
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::BadWeights {
-            path: self.path.to_path_buf(),
-            msg: format!("pickle at byte {}: {msg}", self.pos),
-        }
+        super::bad(self.path, format!("pickle at byte {}: {msg}", self.pos))
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
