@@ -178,12 +178,7 @@ impl Encoder {
                 Some(get(&format!("{name}.bias"), &[out])?),
             ))
         };
-        let norm = |name: &str| -> Result<Norm> {
-            Ok(Norm::Layer {
-                weight: get(&format!("{name}.weight"), &[d])?,
-                bias: get(&format!("{name}.bias"), &[d])?,
-            })
-        };
+        let norm = |name: &str| Norm::layer_from(source, name, d, &ctx);
         let e = format!("{prefix}embeddings");
         let word = get(&format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, d])?;
         let position = get(
@@ -218,17 +213,15 @@ impl Encoder {
             ))
         };
         let mut head_weights = std::collections::HashMap::new();
+        // BERT's classifier reads the pooler: a classifier checkpoint must have it.
         let pooler = format!("{prefix}pooler.dense");
-        if source.contains(&format!("{pooler}.weight")) {
+        let bert_classifier = cfg.num_labels.is_some() && cfg.kind == EncoderKind::Bert;
+        if bert_classifier || source.contains(&format!("{pooler}.weight")) {
             head_weights.insert("pooler.dense", pair(&pooler, d, d)?);
         }
         match (cfg.num_labels, cfg.kind) {
             (None, _) => {}
             (Some(n), EncoderKind::Bert) => {
-                if !head_weights.contains_key("pooler.dense") {
-                    // Fails with the missing tensor's name.
-                    head_weights.insert("pooler.dense", pair(&pooler, d, d)?);
-                }
                 head_weights.insert("classifier", pair("classifier", n, d)?);
             }
             (Some(n), EncoderKind::Roberta) => {

@@ -28,6 +28,19 @@ pub(super) enum Norm {
 }
 
 impl Norm {
+    /// The LayerNorm `{name}.weight` and `{name}.bias`, each `[d]` (GPT-2's and BERT's names).
+    pub fn layer_from(
+        source: &WeightSource,
+        name: &str,
+        d: usize,
+        ctx: &LoadContext,
+    ) -> Result<Self> {
+        Ok(Norm::Layer {
+            weight: source.get(&format!("{name}.weight"), &[d], ctx)?,
+            bias: source.get(&format!("{name}.bias"), &[d], ctx)?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Norm::Rms(w) => rms_norm(x, w, eps),
@@ -226,12 +239,7 @@ fn load_gpt2(source: &WeightSource, cfg: &DecoderConfig, ctx: &LoadContext) -> R
         let (w, b) = conv(name, inp, out)?;
         Ok(FrozenLinear::new(w, Some(b)))
     };
-    let norm = |name: &str| -> Result<Norm> {
-        Ok(Norm::Layer {
-            weight: get(&format!("{name}.weight"), &[d])?,
-            bias: get(&format!("{name}.bias"), &[d])?,
-        })
-    };
+    let norm = |name: &str| Norm::layer_from(source, name, d, ctx);
     let embed = get(&format!("{p}wte.weight"), &[cfg.vocab_size, d])?;
     let positions = get(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, d])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
