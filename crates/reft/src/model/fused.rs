@@ -108,17 +108,24 @@ pub(crate) struct FusedState {
 pub(crate) struct Saved {
     h_in: Vec<f32>,
     r1: Vec<f32>,
-    q: Vec<f32>,
-    /// Per (example, kv head): visible keys and values `[s, hd]`, prefix first.
-    kf: Vec<Vec<f32>>,
-    vf: Vec<Vec<f32>>,
-    /// Per (example, kv head): the attention probabilities of its query heads, stacked head
-    /// by head, `[rep·len, s]`.
-    p: Vec<Vec<f32>>,
+    /// Per (example, kv head), in [`Geometry::attention_tasks`] order.
+    groups: Vec<GroupSaved>,
     h_mid: Vec<f32>,
     r2: Vec<f32>,
     /// Gate and up projections, `[rows, 2·inter]`.
     gate_up: Vec<f32>,
+}
+
+/// One (example, kv head) attention group, as its forward leaves it for the backward.
+struct GroupSaved {
+    /// The group's queries (after RoPE), stacked head by head, `[rep·len, hd]`.
+    qs: Vec<f32>,
+    /// Visible keys and values `[s, hd]`, prefix first.
+    kf: Vec<f32>,
+    vf: Vec<f32>,
+    /// The attention probabilities of the group's query heads, stacked head by head,
+    /// `[rep·len, s]`.
+    p: Vec<f32>,
 }
 
 /// Slices of one layer's weights.
@@ -186,7 +193,7 @@ impl FusedBlocks {
         }
         rope(&mut q, &g.cos, &g.sin, nh * hd, hd, false);
         rope(&mut k, &g.cos, &g.sin, nkv * hd, hd, false);
-        let (attn, kf, vf, p) = self.attention_forward(&q, &k, &v, prefix);
+        let (attn, groups) = self.attention_forward(&q, &k, &v, prefix);
         let a = linear(&attn, w.o, n, nh * hd, d);
         let h_mid: Vec<f32> = h_in.iter().zip(&a).map(|(h, a)| h + a).collect();
         let (x2, r2) = rms_norm(&h_mid, w.post_norm, d, g.eps);
@@ -211,10 +218,7 @@ impl FusedBlocks {
         let saved = Saved {
             h_in,
             r1,
-            q,
-            kf,
-            vf,
-            p,
+            groups,
             h_mid,
             r2,
             gate_up,
@@ -223,15 +227,14 @@ impl FusedBlocks {
     }
 
     /// Attention over packed rows; returns the heads' outputs `[rows, nh·hd]` and, per
-    /// (example, kv head) the visible keys and values, per (example, head) the probabilities.
-    #[allow(clippy::type_complexity)]
+    /// (example, kv head), what the backward needs.
     fn attention_forward(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         prefix: Option<(&[f32], &[f32])>,
-    ) -> (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    ) -> (Vec<f32>, Vec<GroupSaved>) {
         let g = &*self.geo;
         let (hd, nh, nkv) = (g.hd, g.nh, g.nkv);
         let rep = nh / nkv;
@@ -289,19 +292,17 @@ impl FusedBlocks {
                     false,
                     false,
                 );
-                (out, kf, vf, p)
+                (out, GroupSaved { qs, kf, vf, p })
             })
             .collect();
         let mut attn = vec![0f32; g.rows() * nh * hd];
-        let (mut kfs, mut vfs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
-        for (&(e, kv), (out, kf, vf, p)) in tasks.iter().zip(results) {
+        let mut groups = Vec::with_capacity(tasks.len());
+        for (&(e, kv), (out, group)) in tasks.iter().zip(results) {
             let rows = off[e]..off[e] + g.real[e].1;
             scatter_heads(&mut attn, &out, rows, nh * hd, kv * rep..(kv + 1) * rep, hd);
-            kfs.push(kf);
-            vfs.push(vf);
-            ps.push(p);
+            groups.push(group);
         }
-        (attn, kfs, vfs, ps)
+        (attn, groups)
     }
 
     /// One layer backward: from `dy` `[rows, d]` to the gradient of the layer's input.
@@ -360,14 +361,17 @@ impl FusedBlocks {
                 let len = g.real[e].1;
                 let np = g.prefix[e].len();
                 let sl = np + len;
-                let (kf, vf) = (&s.kf[ti], &s.vf[ti]);
+                let GroupSaved { qs, kf, vf, p } = &s.groups[ti];
                 let rows = rep * len;
-                let p = &s.p[ti];
-                let (rows_in, heads) = (off[e]..off[e] + len, kv * rep..(kv + 1) * rep);
                 let mut go = Vec::with_capacity(rows * hd);
-                gather_heads(&mut go, d_attn, rows_in.clone(), nh * hd, heads.clone(), hd);
-                let mut qs = Vec::with_capacity(rows * hd);
-                gather_heads(&mut qs, &s.q, rows_in, nh * hd, heads, hd);
+                gather_heads(
+                    &mut go,
+                    d_attn,
+                    off[e]..off[e] + len,
+                    nh * hd,
+                    kv * rep..(kv + 1) * rep,
+                    hd,
+                );
                 // dV (new rows) = Σ over the group's heads of Pᵀ[new keys] · dO.
                 let mut dv = vec![0f32; len * hd];
                 mm(
@@ -409,7 +413,7 @@ impl FusedBlocks {
                     &mut dk,
                     hd,
                     View::t(&ds[np..], sl),
-                    View::rows(&qs, hd),
+                    View::rows(qs, hd),
                     (len, hd, rows),
                     false,
                     false,
