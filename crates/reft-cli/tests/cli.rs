@@ -25,7 +25,7 @@ fn reft_ok(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn generate_chat_answers_the_capital_of_france() {
-    let out = reft(&[
+    let out = reft_ok(&[
         "generate",
         "--model",
         "smollm2-135m-instruct",
@@ -33,11 +33,6 @@ fn generate_chat_answers_the_capital_of_france() {
         "--prompt",
         "What is the capital of France? Answer in one sentence.",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "The capital of France is Paris.\n"
@@ -46,7 +41,7 @@ fn generate_chat_answers_the_capital_of_france() {
 
 #[test]
 fn generate_batches_prompts_one_line_each() {
-    let out = reft(&[
+    let out = reft_ok(&[
         "generate",
         "--chat",
         "--max-new-tokens",
@@ -56,11 +51,6 @@ fn generate_batches_prompts_one_line_each() {
         "--prompt",
         "Hi",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "The capital of France is Paris.");
@@ -69,12 +59,7 @@ fn generate_batches_prompts_one_line_each() {
 
 #[test]
 fn tokenize_prints_a_json_array() {
-    let out = reft(&["tokenize", "--text", "<|im_start|>user\nhi<|im_end|>\n"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = reft_ok(&["tokenize", "--text", "<|im_start|>user\nhi<|im_end|>\n"]);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "[1,4093,198,6004,2,198]\n"
@@ -98,9 +83,8 @@ fn sampling_is_reproducible_with_a_seed() {
         "--max-new-tokens",
         "16",
     ];
-    let a = reft(&args);
+    let a = reft_ok(&args);
     let b = reft(&args);
-    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
     assert!(!a.stdout.is_empty());
 }
@@ -162,7 +146,7 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
     let question = case["question"].as_str().unwrap();
     let want = format!("{}\n", case["greedy_text"].as_str().unwrap());
     let gen = |adapter: &std::path::Path| {
-        let out = reft(&[
+        let out = reft_ok(&[
             "generate",
             "--chat",
             "--max-new-tokens",
@@ -172,11 +156,6 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
             "--adapter",
             adapter.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         String::from_utf8(out.stdout).unwrap()
     };
     // A pyreft folder directly (positions default to l1, as recorded in the fixture).
@@ -184,7 +163,7 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
 
     let tmp = tempfile::tempdir().unwrap();
     let native = tmp.path().join("native");
-    let out = reft(&[
+    reft_ok(&[
         "adapter",
         "import-pyreft",
         pyreft_dir.to_str().unwrap(),
@@ -192,19 +171,9 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
         "--model",
         "smollm2-135m-instruct",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(gen(&native), want);
 
-    let out = reft(&["adapter", "inspect", native.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = reft_ok(&["adapter", "inspect", native.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains("loreft rank 4 at layer 6 block_output, positions l1"),
@@ -216,17 +185,12 @@ fn pyreft_adapter_through_the_cli_import_inspect_export() {
     );
 
     let back = tmp.path().join("pyreft-again");
-    let out = reft(&[
+    reft_ok(&[
         "adapter",
         "export-pyreft",
         native.to_str().unwrap(),
         back.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(gen(&back), want);
 }
 
@@ -274,8 +238,7 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
         "--template",
         "chat",
     ];
-    let o = reft(&[&head[..], &QUICKSTART_ADAPTER, &run].concat());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = reft_ok(&[&head[..], &QUICKSTART_ADAPTER, &run].concat());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
@@ -322,7 +285,7 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     );
     assert!(!samples[1]["answer"].as_str().unwrap().is_empty());
     // The trained adapter loads for generation.
-    let g = reft(&[
+    reft_ok(&[
         "generate",
         "--chat",
         "--max-new-tokens",
@@ -332,7 +295,6 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
         "--adapter",
         out.to_str().unwrap(),
     ]);
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
 
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(
@@ -463,14 +425,13 @@ fn train_init_continues_from_an_adapter() {
 fn quickstart_trains_saves_and_answers_unseen_prompts_in_emoji() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
-    let o = reft(&[
+    let o = reft_ok(&[
         "quickstart",
         "--epochs",
         "10",
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8(o.stdout).unwrap();
     let answers = |prefix: &str| -> Vec<String> {
         stdout
@@ -529,7 +490,7 @@ fn classify_train_then_eval() {
     }
     std::fs::write(&data, &lines).unwrap();
     let out = tmp.path().join("cls");
-    let o = reft(&[
+    reft_ok(&[
         "train",
         "--task",
         "classify",
@@ -550,10 +511,9 @@ fn classify_train_then_eval() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("classifier_head.safetensors").exists());
     assert!(out.join("reft_config.json").exists());
-    let e = reft(&[
+    let e = reft_ok(&[
         "eval",
         "--task",
         "classify",
@@ -562,7 +522,6 @@ fn classify_train_then_eval() {
         "--adapter",
         out.to_str().unwrap(),
     ]);
-    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
     let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     assert_eq!(line["n"], 32);
     let acc = line["accuracy"].as_f64().unwrap();
@@ -616,7 +575,7 @@ fn classify_roberta_head_regression_train_then_eval() {
     }
     std::fs::write(&data, &lines).unwrap();
     let out = tmp.path().join("reg");
-    let o = reft(&[
+    let o = reft_ok(&[
         "train",
         "--task",
         "classify",
@@ -646,14 +605,13 @@ fn classify_roberta_head_regression_train_then_eval() {
         out.to_str().unwrap(),
     ]);
     let log = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
     assert!(log.contains("roberta head, regression, 1 output"), "{log}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("reft_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["training"]["head"], "roberta");
     assert_eq!(config["training"]["problem"], "regression");
-    let e = reft(&[
+    let eval = [
         "eval",
         "--task",
         "classify",
@@ -665,8 +623,8 @@ fn classify_roberta_head_regression_train_then_eval() {
         "score",
         "--adapter",
         out.to_str().unwrap(),
-    ]);
-    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    ];
+    let e = reft_ok(&eval);
     let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     assert_eq!(line["n"], 30);
     assert_eq!(line["head"], "roberta");
@@ -689,19 +647,7 @@ fn classify_roberta_head_regression_train_then_eval() {
     bytes[digits..digits + 3].copy_from_slice(b"768");
     let patched = bytes;
     std::fs::write(&head_file, &patched).unwrap();
-    let bad = reft(&[
-        "eval",
-        "--task",
-        "classify",
-        "--data",
-        data.to_str().unwrap(),
-        "--text-field",
-        "text",
-        "--label-field",
-        "score",
-        "--adapter",
-        out.to_str().unwrap(),
-    ]);
+    let bad = reft(&eval);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(

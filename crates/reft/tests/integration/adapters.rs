@@ -209,17 +209,6 @@ fn r_stays_orthonormal_through_200_adamw_steps() {
     }
 }
 
-fn smollm2() -> LanguageModel {
-    let p = smollm2_path();
-    LanguageModel::load(
-        p.to_str().unwrap(),
-        &Device::Cpu,
-        &Default::default(),
-        &mut |_| {},
-    )
-    .unwrap()
-}
-
 fn loreft_adapter(lm: &LanguageModel, layer: usize, positions: &str, seed: u64) -> Adapter {
     let cfg = AdapterSpec {
         interventions: vec![InterventionSpec {
@@ -267,24 +256,14 @@ fn loreft_adapter(lm: &LanguageModel, layer: usize, positions: &str, seed: u64) 
     a
 }
 
-fn chat(lm: &LanguageModel, q: &str) -> Vec<u32> {
-    lm.tokenizer
-        .encode(
-            &lm.chat_template
-                .render(&[reft::template::Message::new("user", q)], true)
-                .unwrap(),
-        )
-        .unwrap()
-}
-
 #[test]
 fn batched_generation_with_an_adapter_equals_one_prompt_at_a_time() {
     let lm = smollm2();
-    let mut a = loreft_adapter(&lm, 10, "f1+l2", 5);
+    let mut a = loreft_adapter(lm, 10, "f1+l2", 5);
     let prompts = vec![
-        chat(&lm, "Who are you?"),
-        chat(
-            &lm,
+        chat_ids(lm, "Who are you?"),
+        chat_ids(
+            lm,
             "What is the sea like? Tell me in two sentences, please.",
         ),
     ];
@@ -331,7 +310,7 @@ fn batched_generation_with_an_adapter_equals_one_prompt_at_a_time() {
 #[test]
 fn several_adapters_at_once_and_collisions() {
     let lm = smollm2();
-    let p = vec![chat(&lm, "Who are you?")];
+    let p = vec![chat_ids(lm, "Who are you?")];
     let cfg = GenerationConfig {
         max_new_tokens: 8,
         stop_ids: vec![2],
@@ -339,8 +318,8 @@ fn several_adapters_at_once_and_collisions() {
     };
     let mut ok = AdapterSet {
         adapters: vec![
-            loreft_adapter(&lm, 5, "l1", 1),
-            loreft_adapter(&lm, 12, "l1", 2),
+            loreft_adapter(lm, 5, "l1", 1),
+            loreft_adapter(lm, 12, "l1", 2),
         ],
     };
     generate(
@@ -354,8 +333,8 @@ fn several_adapters_at_once_and_collisions() {
     .unwrap();
     let mut clash = AdapterSet {
         adapters: vec![
-            loreft_adapter(&lm, 5, "l2", 1),
-            loreft_adapter(&lm, 5, "l1", 2),
+            loreft_adapter(lm, 5, "l2", 1),
+            loreft_adapter(lm, 5, "l1", 2),
         ],
     };
     let msg = generate(
@@ -375,8 +354,8 @@ fn several_adapters_at_once_and_collisions() {
     // Same layer, disjoint positions: fine.
     let mut disjoint = AdapterSet {
         adapters: vec![
-            loreft_adapter(&lm, 5, "f1", 1),
-            loreft_adapter(&lm, 5, "l1", 2),
+            loreft_adapter(lm, 5, "f1", 1),
+            loreft_adapter(lm, 5, "l1", 2),
         ],
     };
     generate(
@@ -393,8 +372,8 @@ fn several_adapters_at_once_and_collisions() {
 #[test]
 fn every_token_mode_edits_generated_tokens() {
     let lm = smollm2();
-    let p = vec![chat(&lm, "Who are you?")];
-    let mut a = loreft_adapter(&lm, 10, "l1", 5);
+    let p = vec![chat_ids(lm, "Who are you?")];
+    let mut a = loreft_adapter(lm, 10, "l1", 5);
     let prompt_only = GenerationConfig {
         max_new_tokens: 10,
         stop_ids: vec![2],

@@ -29,18 +29,8 @@ fn first_param(a: &Adapter) -> Vec<f32> {
 #[test]
 fn probe_and_loreft_with_head_learn_sst2() {
     let dev = Device::Cpu;
-    let data = reft::hub::eval_dataset("glue/sst2/validation", &mut |m| eprintln!("{m}")).unwrap();
-    let (encoder, tok) =
-        reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
-    let (rows, _) = reft::data::read_rows(&data, &["sentence", "label"]).unwrap();
-    let texts: Vec<&str> = rows
-        .iter()
-        .map(|(_, r)| r["sentence"].as_str().unwrap())
-        .collect();
-    let labels: Vec<usize> = rows
-        .iter()
-        .map(|(_, r)| r["label"].as_u64().unwrap() as usize)
-        .collect();
+    let (encoder, tok, texts, labels) = sst2(240);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (train_x, test_x) = (&texts[..160], &texts[160..240]);
     let (train_y, test_y) = (&labels[..160], &labels[160..240]);
     let d = encoder.config().hidden_size;
@@ -141,8 +131,8 @@ fn probe_and_loreft_with_head_learn_sst2() {
 #[test]
 fn text_pairs_are_encoded_with_token_types_and_train() {
     let dev = Device::Cpu;
-    let model_dir = reft::hub::minilm_folder(&mut |m| eprintln!("{m}")).unwrap();
-    let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json")).unwrap();
+    let (encoder, tok) =
+        reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
     let (ids, types) = tok.encode_pair("the cat sat", "a dog ran").unwrap();
     let (cls, sep) = (
         tok.token_to_id("[CLS]").unwrap(),
@@ -154,7 +144,6 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
     assert!(types[..=first_sep].iter().all(|&t| t == 0), "{types:?}");
     assert!(types[first_sep + 1..].iter().all(|&t| t == 1), "{types:?}");
 
-    let (encoder, tok) = reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |_| {}).unwrap();
     let data = reft::hub::eval_dataset("glue/rte/validation", &mut |m| eprintln!("{m}")).unwrap();
     let (rows, _) = reft::data::read_rows(&data, &["sentence1", "sentence2", "label"]).unwrap();
     let a: Vec<&str> = rows[..32]

@@ -506,7 +506,10 @@ fn broken_parquet_files_are_errors_naming_the_file() {
         let flipped = name.starts_with("flipped");
         flips += usize::from(flipped);
         match read_records(&p, &Fields::default()) {
-            Ok(r) => assert!(flipped, "{name}: read {} records", r.len()),
+            Ok(r) => {
+                assert!(flipped, "{name}: read {} records", r.len());
+                assert_eq!(r.len(), rows.len(), "{name}: the wrong number of records");
+            }
             Err(e) => {
                 refused += usize::from(flipped);
                 let e = e.to_string();

@@ -6,22 +6,11 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor, D};
-use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
 use reft::eval::choice::option_log_likelihoods;
 use reft::eval::{evaluate_choice, read_choice_items, ChoiceFields, ChoiceFormat, ChoiceItem};
 use reft::model::llama::ForwardInput;
 use reft::model::{Hooks, NoHooks, PromptLayout};
 use reft::LanguageModel;
-
-fn smollm2() -> LanguageModel {
-    LanguageModel::load(
-        smollm2_path().to_str().unwrap(),
-        &Device::Cpu,
-        &Default::default(),
-        &mut |_| {},
-    )
-    .unwrap()
-}
 
 /// Each option's summed log-likelihood from one full pass over question + option.
 fn full_pass(lm: &LanguageModel, item: &ChoiceItem, hooks: &mut dyn Hooks) -> Vec<f64> {
@@ -85,8 +74,8 @@ fn item() -> ChoiceItem {
 fn cached_question_scores_equal_full_passes_with_and_without_an_adapter() {
     let lm = smollm2();
     let it = item();
-    let cached = option_log_likelihoods(&lm, &it, ChoiceFormat::Raw, &mut NoHooks).unwrap();
-    let full = full_pass(&lm, &it, &mut NoHooks);
+    let cached = option_log_likelihoods(lm, &it, ChoiceFormat::Raw, &mut NoHooks).unwrap();
+    let full = full_pass(lm, &it, &mut NoHooks);
     for (a, b) in cached.iter().zip(&full) {
         assert!(
             (a - b).abs() < 2e-3 * b.abs().max(1.0),
@@ -98,21 +87,14 @@ fn cached_question_scores_equal_full_passes_with_and_without_an_adapter() {
         "Paris should beat London: {cached:?}"
     );
 
-    let spec: AdapterSpec = serde_json::from_str(
+    let mut adapter = adapter_from_spec(
+        &lm.decoder,
         r#"{"interventions": [{"kind": "loreft", "layers": 15, "rank": 4, "positions": "l1"}]}"#,
-    )
-    .unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(lm.decoder.config().num_layers).unwrap(),
-        template: None,
-        training: None,
-    };
-    let d = lm.decoder.config().hidden_size;
-    let mut adapter = Adapter::init(config, d, 3, DType::F32, &Device::Cpu).unwrap();
-    let cached_iv = option_log_likelihoods(&lm, &it, ChoiceFormat::Raw, &mut adapter).unwrap();
-    let full_iv = full_pass(&lm, &it, &mut adapter);
+        3,
+        DType::F32,
+    );
+    let cached_iv = option_log_likelihoods(lm, &it, ChoiceFormat::Raw, &mut adapter).unwrap();
+    let full_iv = full_pass(lm, &it, &mut adapter);
     for (a, b) in cached_iv.iter().zip(&full_iv) {
         assert!(
             (a - b).abs() < 2e-3 * b.abs().max(1.0),
@@ -153,12 +135,12 @@ fn items_in_list_and_arc_shapes_and_the_report() {
         vec![0, 1, 1]
     );
     let report =
-        evaluate_choice(&lm, &items, ChoiceFormat::Raw, &mut NoHooks, &mut |_, _| {}).unwrap();
+        evaluate_choice(lm, &items, ChoiceFormat::Raw, &mut NoHooks, &mut |_, _| {}).unwrap();
     assert_eq!(report.n, 3);
     // The same decisions from the log-likelihoods themselves.
     let mut norm = 0;
     for it in &items {
-        let ll = option_log_likelihoods(&lm, it, ChoiceFormat::Raw, &mut NoHooks).unwrap();
+        let ll = option_log_likelihoods(lm, it, ChoiceFormat::Raw, &mut NoHooks).unwrap();
         let per_byte: Vec<f64> = ll
             .iter()
             .zip(&it.choices)
@@ -203,7 +185,7 @@ fn generate_items_are_scored_by_normalised_exact_match() {
     let items = read_generate_items(&path, "prompt", "answer").unwrap();
     assert_eq!(items[0].answers.len(), 2);
     let (report, answers) =
-        evaluate_generate(&lm, &items, true, 24, 8, &mut NoHooks, &mut |_, _| {}).unwrap();
+        evaluate_generate(lm, &items, true, 24, 8, &mut NoHooks, &mut |_, _| {}).unwrap();
     assert_eq!(answers[0], "The capital of France is Paris.");
     assert_eq!(report.n, 2);
     assert_eq!(report.exact_match, 0.5, "{answers:?}");

@@ -2,7 +2,7 @@
 //! tiny-gpt2: the KV cache against full passes, with and without an intervention.
 
 use crate::common;
-use crate::common::max_abs_diff;
+use crate::common::{chat_ids, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use reft::adapter::Adapter;
 use reft::generate::{generate, FinishReason, GenerationConfig};
@@ -11,42 +11,18 @@ use reft::model::{Hooks, KvCache, NoHooks, PromptLayout};
 use reft::template::Message;
 use reft::LanguageModel;
 
-fn model() -> LanguageModel {
-    let path = common::smollm2_path();
-    LanguageModel::load(
-        path.to_str().unwrap(),
-        &Device::Cpu,
-        &Default::default(),
-        &mut |_| {},
-    )
-    .unwrap()
-}
-
-fn chat_ids(lm: &LanguageModel, q: &str) -> Vec<u32> {
-    lm.tokenizer
-        .encode(
-            &lm.chat_template
-                .render(&[Message::new("user", q)], true)
-                .unwrap(),
-        )
-        .unwrap()
-}
-
 #[test]
 fn left_padded_batch_equals_one_prompt_at_a_time() {
-    let lm = model();
+    let lm = common::smollm2();
     let prompts = vec![
+        chat_ids(lm, "What is the capital of France? Answer in one sentence."),
+        chat_ids(lm, "Hi"),
         chat_ids(
-            &lm,
-            "What is the capital of France? Answer in one sentence.",
-        ),
-        chat_ids(&lm, "Hi"),
-        chat_ids(
-            &lm,
+            lm,
             "Name three colours of the rainbow, please, in a short list.",
         ),
     ];
-    assert_batch_equals_single(&lm, &prompts, 16);
+    assert_batch_equals_single(lm, &prompts, 16);
 }
 
 /// Greedy generation of `prompts` as one left-padded batch gives each prompt the tokens it
@@ -342,11 +318,8 @@ fn gpt2_folder_without_template_gets_chatml() {
 
 #[test]
 fn stop_strings_cut_the_text_and_streaming_matches() {
-    let lm = model();
-    let p = chat_ids(
-        &lm,
-        "What is the capital of France? Answer in one sentence.",
-    );
+    let lm = common::smollm2();
+    let p = chat_ids(lm, "What is the capital of France? Answer in one sentence.");
     let cfg = GenerationConfig {
         max_new_tokens: 24,
         stop_ids: lm.tokenizer.eos_ids.clone(),
@@ -370,7 +343,7 @@ fn stop_strings_cut_the_text_and_streaming_matches() {
 
 #[test]
 fn length_limit_is_reported() {
-    let lm = model();
+    let lm = common::smollm2();
     let p = lm.tokenizer.encode("Once upon a time").unwrap();
     let cfg = GenerationConfig {
         max_new_tokens: 5,

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use reft::model::llama::ForwardInput;
-use reft::model::{Decoder, DecoderConfig, NoHooks};
+use reft::model::{Decoder, DecoderConfig};
 use reft::weights::{GgufFile, WeightSource};
 use reft::{Error, LanguageModel};
 
@@ -103,26 +102,14 @@ fn gguf_decoder(path: &Path, quantized: bool) -> reft::Result<Decoder> {
     )
 }
 
-fn logits(m: &Decoder, ids: &[u32]) -> Tensor {
-    let t = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.lm_head(
-        &m.forward(&ForwardInput::new(&t), &mut NoHooks, None)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 #[test]
 fn gguf_with_permuted_query_key_matches_the_hf_folder() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, GgmlDType::F32);
     let ids = [3u32, 77, 120, 5, 300, 9, 41];
-    let hf = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
-    let gg = logits(&gguf_decoder(&path, false).unwrap(), &ids);
+    let hf = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
+    let gg = decoder_logits(&gguf_decoder(&path, false).unwrap(), &ids);
     let err = max_abs_diff(&hf, &gg);
     assert!(err < 1e-5, "GGUF vs HF logits differ by {err}");
 }
@@ -135,8 +122,8 @@ fn quantized_decode_equals_f32_on_the_same_blocks() {
         write_tiny_gguf(&path, ty);
         let ids = [3u32, 77, 120, 5];
         // Four rows take the quantized kernels; the f32 model multiplies the dequantized blocks.
-        let q = logits(&gguf_decoder(&path, true).unwrap(), &ids);
-        let f = logits(&gguf_decoder(&path, false).unwrap(), &ids);
+        let q = decoder_logits(&gguf_decoder(&path, true).unwrap(), &ids);
+        let f = decoder_logits(&gguf_decoder(&path, false).unwrap(), &ids);
         let err = max_abs_diff(&q, &f);
         assert!(
             err < 1e-4,
@@ -330,15 +317,15 @@ fn sharded_safetensors_load_like_one_file() {
     )
     .unwrap();
     let ids = [3u32, 77, 120, 5];
-    let one = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
-    let sharded = logits(&folder_decoder(dir.path(), DType::F32).unwrap(), &ids);
+    let one = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
+    let sharded = decoder_logits(&folder_decoder(dir.path(), DType::F32).unwrap(), &ids);
     assert_eq!(max_abs_diff(&one, &sharded), 0.0);
 }
 
 #[test]
 fn bf16_and_f16_weights_become_f32() {
     let ids = [3u32, 77, 120, 5];
-    let reference = logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
+    let reference = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
     for dt in [DType::BF16, DType::F16] {
         let tensors = hf_tensors()
             .into_iter()
@@ -346,7 +333,7 @@ fn bf16_and_f16_weights_become_f32() {
             .collect();
         let dir = folder_with(tensors);
         let m = folder_decoder(dir.path(), DType::F32).unwrap();
-        let l = logits(&m, &ids);
+        let l = decoder_logits(&m, &ids);
         assert_eq!(l.dtype(), DType::F32);
         let err = max_abs_diff(&reference, &l);
         // Rounding the weights to 8 (bf16) or 11 (f16) mantissa bits moves logits a little.

@@ -4,28 +4,18 @@
 //! it has never seen: it was written for this test) exactly under greedy decoding, then stops.
 
 use crate::common::*;
-use candle_core::{DType, Device};
-use reft::adapter::{Adapter, AdapterConfig, AdapterSpec};
+use candle_core::DType;
 use reft::data::{tokenize, Record, Template, TokenizeOptions};
 use reft::generate::{generate, GenerationConfig};
 use reft::template::Message;
 use reft::train::{AdamWConfig, Schedule, TrainConfig, Trainer};
-use reft::{LanguageModel, LoadOptions};
 
 const PASSAGE: &str = "The lighthouse keeper of Varnholm kept three ledgers. In the first he wrote the weather at dawn, noon and dusk; in the second, every ship that passed the northern reef, with its flag and the colour of its sails; in the third, which he showed to no one, the dreams he had on nights when the lamp burned green. After forty winters the ledgers filled a whole shelf, and the harbour master, who had laughed at him for years, came one evening to ask whether a grey schooner with torn sails had passed in the autumn of the flood year.";
 
 #[test]
 fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
     reft::ops::tune_cpu_runtime();
-    let dev = Device::Cpu;
-    let path = smollm2_path();
-    let lm = LanguageModel::load(
-        path.to_str().unwrap(),
-        &dev,
-        &LoadOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let lm = smollm2();
     let record = Record {
         messages: vec![Message::new("user", "GO->")],
         input: None,
@@ -36,24 +26,18 @@ fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
         add_eos: true,
         max_length: None,
     };
-    let (examples, _) = tokenize(&lm, &[record], &opts).unwrap();
+    let (examples, _) = tokenize(lm, &[record], &opts).unwrap();
     let prompt = examples[0].prompt_ids.clone();
     let passage = examples[0].response_ids.clone(); // ends with EOS
     assert!(passage.len() > 100, "{} tokens", passage.len());
 
-    let spec: AdapterSpec = serde_json::from_str(
+    let adapter = adapter_from_spec(
+        &lm.decoder,
         r#"{"interventions": [{"kind": "loreft", "layers": "15;20;25", "rank": 8, "positions": "l1"}]}"#,
-    )
-    .unwrap();
-    let config = AdapterConfig {
-        format_version: 1,
-        base_model: None,
-        interventions: spec.expand(lm.decoder.config().num_layers).unwrap(),
-        template: None,
-        training: None,
-    };
+        42,
+        DType::F32,
+    );
     let d = lm.decoder.config().hidden_size;
-    let adapter = Adapter::init(config, d, 42, DType::F32, &dev).unwrap();
     let params: usize = adapter
         .vars()
         .iter()
@@ -100,7 +84,7 @@ fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
         checkpoint_every: None,
         eval_samples: 0,
     };
-    let mut trainer = Trainer::new(&lm, adapter, examples, Vec::new(), cfg).unwrap();
+    let mut trainer = Trainer::new(lm, adapter, examples, Vec::new(), cfg).unwrap();
     trainer.run(&mut |_| {}, &|| false).unwrap();
     let last = trainer.metrics.last().unwrap().loss;
     let mut adapter = trainer.adapter;

@@ -20,7 +20,6 @@ use reft::generate::{generate, GenerationConfig};
 use reft::intervention::Intervention;
 use reft::model::llama::ForwardInput;
 use reft::model::{Hooks, NoHooks, PromptLayout};
-use reft::LanguageModel;
 use serde_json::Value;
 
 struct Case {
@@ -278,11 +277,8 @@ fn check_loss_and_grads(case: &Case, adapter: &Adapter, loss: &Tensor) {
 /// A BERT/RoBERTa classification case: the head's logits, the cross-entropy loss and the
 /// gradient of every intervention parameter.
 fn check_encoder_case(case: &Case, model_dir: &Path) {
-    use reft::model::bert::{Encoder, EncoderConfig};
     let dev = Device::Cpu;
-    let cfg = EncoderConfig::from_hf_json(&model_dir.join("config.json")).unwrap();
-    let src = reft::weights::WeightSource::open_hf_folder(model_dir).unwrap();
-    let encoder = Encoder::load(&src, cfg, &dev, DType::F32).unwrap();
+    let encoder = folder_encoder(model_dir, DType::F32).unwrap();
     let ids = matrix_u32(&case.json["input_ids"]);
     let mask = matrix_u32(&case.json["attention_mask"]);
     let (b, t) = (ids.len(), ids[0].len());
@@ -451,15 +447,8 @@ fn minilm_tokenizer_cases() {
 #[test]
 fn smollm2_chat_logits_and_greedy() {
     let dev = Device::Cpu;
-    let path = smollm2_path();
-    let lm = LanguageModel::load(
-        path.to_str().unwrap(),
-        &dev,
-        &Default::default(),
-        &mut |_| {},
-    )
-    .unwrap();
-    let base = BaseModel::of(&lm);
+    let lm = smollm2();
+    let base = BaseModel::of(lm);
     let d = lm.decoder.config().hidden_size;
     let mut seen = 0;
     for case in cases() {

