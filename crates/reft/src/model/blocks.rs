@@ -279,20 +279,18 @@ fn load_gpt2(source: &WeightSource, cfg: &DecoderConfig, ctx: &LoadContext) -> R
 }
 
 /// The LM head (`lm_head.weight`, `[vocab, d]` in every family), or `tied` (the embedding)
-/// when the config ties them and the file has none. Some tied checkpoints still carry a copy
-/// of the head; it is used as is.
+/// whenever the config ties them, as transformers ties them on load. A tied checkpoint's own
+/// copy of the head (torch.save keeps one over the embedding's storage) is not read: it would
+/// be a second `[vocab, d]` matrix in memory.
 fn head(
     source: &WeightSource,
     cfg: &DecoderConfig,
     ctx: &LoadContext,
     tied: FrozenLinear,
 ) -> Result<FrozenLinear> {
-    if cfg.tie_word_embeddings && !source.contains("lm_head.weight") {
+    if cfg.tie_word_embeddings {
         return Ok(tied);
     }
-    match source.get_linear("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], ctx) {
-        Ok((w, q)) => Ok(FrozenLinear::new(w, None).with_quant(q)),
-        Err(Error::MissingTensor { .. }) if cfg.tie_word_embeddings => Ok(tied),
-        Err(e) => Err(e),
-    }
+    let (w, q) = source.get_linear("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], ctx)?;
+    Ok(FrozenLinear::new(w, None).with_quant(q))
 }

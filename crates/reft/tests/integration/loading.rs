@@ -211,6 +211,42 @@ fn folder_with(tensors: Vec<(String, Tensor)>) -> tempfile::TempDir {
     dir
 }
 
+/// A config that ties the head to the embedding wins over an `lm_head.weight` the file also
+/// has, as in transformers, which ties them again on load (torch.save's files keep such a copy
+/// over the embedding's storage): the copy is never read, so it costs no second `[vocab, d]`.
+#[test]
+fn tied_config_uses_the_embedding_over_a_head_in_the_file() {
+    let ids = [3u32, 77, 120, 5, 300, 9, 41];
+    let tied = folder_with(hf_tensors());
+    let cfg = tied.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let untied = "\"tie_word_embeddings\": false";
+    assert!(text.contains(untied), "{text}");
+    std::fs::write(&cfg, text.replace(untied, "\"tie_word_embeddings\": true")).unwrap();
+    // The reference: an untied folder whose head is a copy of the embedding.
+    let tensors = hf_tensors();
+    let embed = tensors
+        .iter()
+        .find(|(n, _)| n == "model.embed_tokens.weight")
+        .map(|(_, t)| t.clone())
+        .unwrap();
+    let copied = folder_with(
+        tensors
+            .into_iter()
+            .map(|(n, t)| match n.as_str() {
+                "lm_head.weight" => (n, embed.clone()),
+                _ => (n, t),
+            })
+            .collect(),
+    );
+    let logits = |dir: &Path| decoder_logits(&folder_decoder(dir, DType::F32).unwrap(), &ids);
+    let tied_logits = logits(tied.path());
+    assert_eq!(max_abs_diff(&tied_logits, &logits(copied.path())), 0.0);
+    // Not the file's own head.
+    let own = decoder_logits(&tiny_decoder("tiny-llama", DType::F32), &ids);
+    assert!(max_abs_diff(&tied_logits, &own) > 1e-3);
+}
+
 #[test]
 fn safetensors_with_a_wrong_shape_is_named() {
     let bad = "model.layers.1.mlp.up_proj.weight";
