@@ -127,7 +127,8 @@ fn probe_and_loreft_with_head_learn_sst2() {
 }
 
 /// Text pairs (RTE): `[CLS] a [SEP] b [SEP]` with token types 0 then 1 reach the encoder, a
-/// LoReFT and head train on them, and pairs that do not line up with the texts are refused.
+/// LoReFT and head train on them, and pairs that do not line up with the texts are refused (in
+/// training, prediction and the encoder pass).
 #[test]
 fn text_pairs_are_encoded_with_token_types_and_train() {
     let dev = Device::Cpu;
@@ -219,6 +220,20 @@ fn text_pairs_are_encoded_with_token_types_and_train() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("second texts"), "{err}");
+    // So are they where the encoder is run directly (they were once padded with empty texts).
+    for short in [&b[..1], &b[..3]] {
+        let err = hidden_states(&encoder, &tok, None, Inputs::pairs(&a[..2], short), 128)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("2 texts and {} second texts", short.len())),
+            "{err}"
+        );
+    }
+    let err = predict(&encoder, &tok, None, &head, Inputs::pairs(&a, &b[..3]), &cc)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("32 texts and 3 second texts"), "{err}");
 }
 
 /// MiniLM and the first `n` SST-2 validation sentences with their labels.

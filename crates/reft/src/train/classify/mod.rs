@@ -9,7 +9,7 @@
 mod head;
 mod problem;
 
-pub use head::{Head, HeadKind, HeadSpec};
+pub use head::{Head, HeadFile, HeadKind, HeadSpec};
 pub use problem::{bce_with_logits, cross_entropy, mse, score, Labels, Predictions, Problem};
 
 use candle_core::{DType, Tensor};
@@ -84,23 +84,36 @@ impl<'a> Inputs<'a> {
             second: Some(second),
         }
     }
+
+    /// An error when there are second texts, but not as many as texts.
+    fn check_pairs(&self) -> Result<()> {
+        match self.second {
+            Some(p) if p.len() != self.texts.len() => Err(Error::InvalidArgument(format!(
+                "{} texts and {} second texts: need the same number",
+                self.texts.len(),
+                p.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Tokenised, padded batch: ids `[b, t]`, token types `[b, t]`, mask rows and lengths. With
-/// `pairs`, each text is encoded with its partner (`[CLS] a [SEP] b [SEP]`).
+/// pairs, each text is encoded with its partner (`[CLS] a [SEP] b [SEP]`).
 #[allow(clippy::type_complexity)]
 fn batch(
     tok: &Tokenizer,
-    texts: &[&str],
-    pairs: Option<&[&str]>,
+    inputs: Inputs,
     max_length: usize,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor, Vec<Vec<u32>>, Vec<usize>)> {
-    let mut enc: Vec<(Vec<u32>, Vec<u32>)> = texts
+    inputs.check_pairs()?;
+    let mut enc: Vec<(Vec<u32>, Vec<u32>)> = inputs
+        .texts
         .iter()
         .enumerate()
-        .map(|(i, t)| match pairs {
-            Some(p) => tok.encode_pair(t, p.get(i).copied().unwrap_or("")),
+        .map(|(i, t)| match inputs.second {
+            Some(p) => tok.encode_pair(t, p[i]),
             None => tok.encode_with_special_tokens(t).map(|ids| {
                 let n = ids.len();
                 (ids, vec![0; n])
@@ -131,8 +144,8 @@ fn batch(
     let ids: Vec<u32> = enc.iter().flat_map(|e| pad(&e.0)).collect();
     let types: Vec<u32> = enc.iter().flat_map(|e| pad(&e.1)).collect();
     Ok((
-        Tensor::from_vec(ids, (texts.len(), t), device)?,
-        Tensor::from_vec(types, (texts.len(), t), device)?,
+        Tensor::from_vec(ids, (inputs.texts.len(), t), device)?,
+        Tensor::from_vec(types, (inputs.texts.len(), t), device)?,
         mask,
         lens,
     ))
@@ -176,7 +189,7 @@ pub fn hidden_states(
     max_length: usize,
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
     let dev = encoder.device().clone();
-    let (ids, types, mask, lens) = batch(tok, inputs.texts, inputs.second, max_length, &dev)?;
+    let (ids, types, mask, lens) = batch(tok, inputs, max_length, &dev)?;
     let hidden = match adapter {
         Some(a) => {
             // Positions count over the whole input (`f1` is `[CLS]`).
@@ -245,13 +258,8 @@ pub fn predict(
     inputs: Inputs,
     cfg: &ClassifyConfig,
 ) -> Result<Predictions> {
-    if let Some(p) = inputs.second.filter(|p| p.len() != inputs.texts.len()) {
-        return Err(Error::InvalidArgument(format!(
-            "{} texts and {} second texts: need the same number",
-            inputs.texts.len(),
-            p.len()
-        )));
-    }
+    // Before `by_length`, which pairs them up by index.
+    inputs.check_pairs()?;
     if inputs.texts.is_empty() {
         return Ok(head.problem().decode_empty());
     }
