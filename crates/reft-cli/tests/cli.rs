@@ -547,6 +547,25 @@ fn classify_train_then_eval() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("line 2") && err.contains("label"), "{err}");
+    // `reft eval` reads the head's problem and the data before it loads the encoder: bad data
+    // is reported even where there is no encoder to load.
+    let bad = reft(&[
+        "eval",
+        "--task",
+        "classify",
+        "--model",
+        tmp.path().join("no-such-encoder").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("label") && !err.contains("no-such-encoder"),
+        "{err}"
+    );
 }
 
 /// `--head roberta --problem regression` end to end: ratings as numbers train a RoBERTa-style

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig};
 use reft::train::classify::{
-    predict, score, train_classifier, ClassifyConfig, Head, HeadKind, HeadSpec, Inputs, Labels,
-    Problem,
+    predict, score, train_classifier, ClassifyConfig, Head, HeadFile, HeadKind, HeadSpec, Inputs,
+    Labels, Problem,
 };
 use serde_json::Value;
 
@@ -274,14 +274,17 @@ pub fn eval(
     range: (usize, Option<usize>),
 ) -> Result<serde_json::Value> {
     let (text_field, pair_field, label_field) = fields;
-    let dev = Device::Cpu;
-    let (encoder, tok) = reft::load::load_encoder(model, &dev, &mut |m| eprintln!("{m}"))
-        .with_context(|| format!("cannot load encoder `{model}`"))?;
-    let d = encoder.config().hidden_size;
-    let head = Head::load(adapter_dir, d, None, &dev)
-        .with_context(|| format!("cannot load the head in {}", adapter_dir.display()))?;
-    let (texts, labels, pairs) =
-        labelled(data, text_field, pair_field, label_field, head.problem())?;
+    let head_context = || format!("cannot load the head in {}", adapter_dir.display());
+    // The head's problem says how to parse the labels: read it, and the data, before the
+    // encoder is loaded, so that bad data is reported at once.
+    let head_file = HeadFile::open(adapter_dir).with_context(head_context)?;
+    let (texts, labels, pairs) = labelled(
+        data,
+        text_field,
+        pair_field,
+        label_field,
+        head_file.problem(),
+    )?;
     let take = range.1.unwrap_or(usize::MAX);
     let pairs: Option<Vec<&str>> = pairs.as_ref().map(|p| {
         p.iter()
@@ -300,6 +303,12 @@ pub fn eval(
     if texts.is_empty() {
         bail!("no items left after --offset/--limit");
     }
+    let dev = Device::Cpu;
+    let (encoder, tok) = reft::load::load_encoder(model, &dev, &mut |m| eprintln!("{m}"))
+        .with_context(|| format!("cannot load encoder `{model}`"))?;
+    let head = head_file
+        .load(encoder.config().hidden_size, None, &dev)
+        .with_context(head_context)?;
     let mut adapter = Adapter::open(adapter_dir, None, "f1", DType::F32, &dev)
         .with_context(|| format!("cannot load adapter {}", adapter_dir.display()))?;
     let pred = predict(

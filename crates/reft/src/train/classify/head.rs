@@ -23,6 +23,8 @@ use rand::{Rng, SeedableRng};
 
 mod file;
 
+pub use file::HeadFile;
+
 use super::problem::Problem;
 use crate::model::bert::Encoder;
 use crate::{Error, Result};
@@ -96,6 +98,24 @@ pub struct HeadSpec {
 }
 
 impl HeadSpec {
+    /// The head's linear layers in order, as `(name in the head file, checkpoint layer it may
+    /// start from, outputs)`; each reads `hidden` inputs, and the last gives the labels.
+    fn layer_shapes(
+        &self,
+        hidden: usize,
+    ) -> impl Iterator<Item = (&'static str, &'static str, usize)> {
+        let names = self.kind.layers();
+        let num_labels = self.num_labels;
+        names.iter().enumerate().map(move |(i, &(name, source))| {
+            let out = if i + 1 == names.len() {
+                num_labels
+            } else {
+                hidden
+            };
+            (name, source, out)
+        })
+    }
+
     fn check(&self) -> Result<()> {
         if self.num_labels == 0 {
             return Err(Error::InvalidArgument(
@@ -228,15 +248,9 @@ impl Head {
     ) -> Result<Self> {
         spec.check()?;
         let mut rng = StdRng::seed_from_u64(seed);
-        let names = spec.kind.layers();
-        let mut layers = Vec::with_capacity(names.len());
+        let mut layers = Vec::with_capacity(spec.kind.layers().len());
         let mut from_checkpoint = Vec::new();
-        for (i, &(name, source)) in names.iter().enumerate() {
-            let out = if i + 1 == names.len() {
-                spec.num_labels
-            } else {
-                hidden
-            };
+        for (name, source, out) in spec.layer_shapes(hidden) {
             layers.push(match checkpoint(source, out, hidden) {
                 Some((w, b)) => {
                     from_checkpoint.push(source);

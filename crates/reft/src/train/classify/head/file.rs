@@ -1,10 +1,11 @@
 //! The head file, `classifier_head.safetensors` beside the adapter: the head's tensors (f32,
 //! named as in [`Head::vars`] without `head.`) and, in the safetensors metadata, its kind,
 //! problem, label count and hidden size, so a head is rebuilt from the file alone and a file
-//! that does not fit is refused with the reason.
+//! that does not fit is refused with the reason. [`HeadFile`] reads the metadata first, so that
+//! a caller learns what the head is before it loads the encoder.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
@@ -34,22 +35,39 @@ impl Head {
         crate::adapter::native::write_atomic(&dir.join(Self::FILE), &bytes)
     }
 
-    /// Reads a head saved by [`save`](Self::save) for an encoder of hidden size `hidden`. With
-    /// `expect`, the file must hold that kind. A file without metadata is read as a
-    /// single-label mean head (what was saved before kinds were recorded). Every tensor the
-    /// kind needs must be there with its shape, and nothing else.
+    /// Reads a head saved by [`save`](Self::save) for an encoder of hidden size `hidden`:
+    /// [`HeadFile::open`], then [`HeadFile::load`].
     pub fn load(
         dir: &Path,
         hidden: usize,
         expect: Option<HeadKind>,
         device: &Device,
     ) -> Result<Self> {
-        let path = dir.join(Self::FILE);
+        HeadFile::open(dir)?.load(hidden, expect, device)
+    }
+}
+
+/// A head file whose metadata has been read but whose tensors have not: what the head is
+/// (its kind and problem) is known before the encoder it sits on is loaded, so that labels
+/// can be parsed, and bad ones refused, first.
+pub struct HeadFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    meta: HashMap<String, String>,
+    kind: HeadKind,
+    problem: Problem,
+}
+
+impl HeadFile {
+    /// Reads `dir/classifier_head.safetensors` and its metadata. A file without metadata is
+    /// read as a single-label mean head (what was saved before kinds were recorded).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(Head::FILE);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let bad = |msg: String| Error::BadWeights {
             path: path.clone(),
             msg,
         };
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let (_, header) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -59,6 +77,33 @@ impl Head {
         let problem: Problem = meta.get("problem").map_or(Ok(Problem::SingleLabel), |p| {
             p.parse().map_err(|e: Error| bad(e.to_string()))
         })?;
+        Ok(Self {
+            path,
+            bytes,
+            meta,
+            kind,
+            problem,
+        })
+    }
+
+    /// The head's kind.
+    pub fn kind(&self) -> HeadKind {
+        self.kind
+    }
+
+    /// The problem the head was trained for.
+    pub fn problem(&self) -> Problem {
+        self.problem
+    }
+
+    /// The head, for an encoder of hidden size `hidden`. With `expect`, the file must hold
+    /// that kind. Every tensor the kind needs must be there with its shape, and nothing else.
+    pub fn load(self, hidden: usize, expect: Option<HeadKind>, device: &Device) -> Result<Head> {
+        let (kind, problem, meta) = (self.kind, self.problem, &self.meta);
+        let bad = |msg: String| Error::BadWeights {
+            path: self.path.clone(),
+            msg,
+        };
         if let Some(want) = expect.filter(|&w| w != kind) {
             return Err(bad(format!(
                 "it holds a `{kind}` head, not the `{want}` head asked for"
@@ -77,7 +122,7 @@ impl Head {
                 "the head reads hidden size {h}, but this encoder's is {hidden}"
             )));
         }
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        let mut tensors = candle_core::safetensors::load_buffer(&self.bytes, device)
             .map_err(|e| bad(e.to_string()))?;
         let names = kind.layers();
         let (last, _) = names[names.len() - 1];
@@ -95,12 +140,7 @@ impl Head {
         };
         spec.check().map_err(|e| bad(e.to_string()))?;
         let mut layers = Vec::with_capacity(names.len());
-        for (i, &(name, _)) in names.iter().enumerate() {
-            let out = if i + 1 == names.len() {
-                num_labels
-            } else {
-                hidden
-            };
+        for (name, _, out) in spec.layer_shapes(hidden) {
             let mut take = |param: &str, shape: &[usize]| -> Result<Tensor> {
                 let n = Dense::tensor_name(name, param);
                 let t = tensors
@@ -124,7 +164,7 @@ impl Head {
                 "tensor `{extra}` does not belong to a `{kind}` head"
             )));
         }
-        Ok(Self {
+        Ok(Head {
             spec,
             hidden,
             layers,
