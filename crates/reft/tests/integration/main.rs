@@ -10,6 +10,7 @@ mod eval_choice;
 mod fused_layers;
 mod generation;
 mod gradients;
+mod hub_cache;
 mod loading;
 mod memorisation;
 mod parity;
