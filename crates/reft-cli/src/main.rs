@@ -23,6 +23,9 @@ enum Command {
     /// answer unseen prompts with and without it.
     Quickstart(commands::quickstart::Args),
     /// Train an adapter from a data file.
+    #[command(
+        override_usage = "reft train --data FILE --out DIR [OPTIONS]\n       reft train --config run.toml [OPTIONS]"
+    )]
     Train(Box<commands::train::Args>),
     /// Score a model (and adapters) on labelled data; prints one JSON line of metrics.
     Eval(commands::eval::Args),

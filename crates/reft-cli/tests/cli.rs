@@ -314,6 +314,84 @@ fn train_writes_adapter_metrics_plot_and_checkpoints() {
     assert!(err.contains("line 2"), "{err}");
 }
 
+/// `reft train` with stderr in a file (not a terminal): a settings line first, plain progress
+/// lines, a closing summary; a second run into the same folder is refused, `--overwrite` leaves
+/// only the new run's files (and the user's own), and a run whose loss barely moved says so.
+#[test]
+fn train_reports_progress_and_never_mixes_two_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    let train = |extra: &[&str], log: &str| {
+        let log_path = tmp.path().join(log);
+        let status = Command::new(env!("CARGO_BIN_EXE_reft"))
+            .args(["train", "--data", data.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--batch-size", "5"])
+            .args(QUICKSTART_ADAPTER)
+            .args(extra)
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .status()
+            .unwrap();
+        (
+            status.success(),
+            std::fs::read_to_string(&log_path).unwrap(),
+        )
+    };
+    let (ok, err) = train(&["--epochs", "1", "--save-every", "1"], "first.log");
+    assert!(ok, "{err}");
+    let first_line = err.lines().next().unwrap();
+    assert_eq!(
+        first_line,
+        "training on smollm2-135m-instruct: 10 examples, 0 held out; loreft rank 4 at layer 15 \
+         (block_output), positions l1; epochs 1, lr 4e-3, batch 5, template chat"
+    );
+    let percent = err.lines().find(|l| l.contains("trainable%")).unwrap();
+    let percent = percent.rsplit("trainable%: ").next().unwrap();
+    assert!(
+        percent.starts_with("0.00") && percent.len() <= 7,
+        "{percent}"
+    );
+    assert!(err.contains("step 1/2 (epoch 0.5) loss "), "{err}");
+    assert!(err.contains("step 2/2 (epoch 1.0) loss "), "{err}");
+    assert!(err.contains(" tok/s"), "{err}");
+    let done = err.lines().find(|l| l.starts_with("done in ")).unwrap();
+    assert!(
+        done.contains(": 2 steps, loss ")
+            && done.ends_with(&format!("adapter saved to {}", out.display())),
+        "{done}"
+    );
+    assert!(out.join("checkpoint-1").is_dir());
+
+    let (ok, err) = train(&["--epochs", "1"], "second.log");
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: {} already holds a training run (adapter.safetensors, checkpoint-1, checkpoint-2, \
+             loss.png, metrics.jsonl, reft_config.json, samples.jsonl): pass --overwrite to start afresh (that run's \
+             files are removed), or --resume CHECKPOINT to continue it",
+            out.display()
+        )
+    );
+
+    let (ok, err) = train(&["--epochs", "2", "--lr", "0", "--overwrite"], "third.log");
+    assert!(ok, "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    assert!(!out.join("checkpoint-1").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(
+        err.contains("\nthe loss is still ")
+            && err.contains("% of where it started: the adapter may not have learnt the task yet; try more --epochs (or a higher --lr)"),
+        "{err}"
+    );
+}
+
 /// `reft train --init A` trains adapter A further. With lr 0 the saved adapter is A, byte for
 /// byte, and the first step's loss is A's loss on the data, lower than a fresh adapter's; A
 /// exported as a pyreft folder starts from the same loss. Flags that describe another adapter,

@@ -35,7 +35,10 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("quickstart_emoji.jsonl"), quickstart::DATA)?;
     let train = quickstart::examples(&lm)?;
+    // The quickstart's folder is its own: a second run replaces the first.
+    super::train::claim_out_dir(&a.out, true)?;
     let plan = Plan {
+        model: a.model.model.clone(),
         spec: quickstart::adapter_spec(),
         init: None,
         train_cfg: quickstart::train_config(a.epochs, a.seed),

@@ -27,34 +27,35 @@ pub struct Args {
     /// a `.parquet` file or folder of them (one split).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Held-out data file.
+    /// Held-out data file [default: none].
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Hold out this fraction of the training data instead.
+    /// Hold out this fraction of the training data instead [default: none].
     #[arg(long)]
     pub eval_fraction: Option<f64>,
-    /// Prompt template: raw, chat, alpaca.
+    /// Prompt template: raw, chat, alpaca [default: chat].
     #[arg(long)]
     pub template: Option<String>,
-    /// Prompt field name.
+    /// Prompt field name [default: prompt].
     #[arg(long)]
     pub prompt_field: Option<String>,
-    /// Response field name.
+    /// Response field name [default: response].
     #[arg(long)]
     pub response_field: Option<String>,
-    /// Intervention kind.
+    /// Intervention kind: loreft, noreft, direft, direft_orth, consreft, lobireft, red, steer
+    /// [default: loreft].
     #[arg(long)]
     pub kind: Option<String>,
-    /// Layers: `15`, `3;9;18`, `0..8`, `all`.
+    /// Layers: `15`, `3;9;18`, `0..8`, `all` [default: 15].
     #[arg(long)]
     pub layers: Option<String>,
-    /// Component: block_output, block_input, attention_output, mlp_output.
+    /// Component: block_output, block_input, attention_output, mlp_output [default: block_output].
     #[arg(long)]
     pub component: Option<String>,
-    /// Rank.
+    /// Rank [default: 4].
     #[arg(long)]
     pub rank: Option<usize>,
-    /// Positions: fN, lN, fN+lN, all, or a list.
+    /// Positions: fN, lN, fN+lN, all, or a list [default: l1].
     #[arg(long)]
     pub positions: Option<String>,
     /// One intervention per layer for both sets of fN+lN (default).
@@ -63,59 +64,64 @@ pub struct Args {
     /// Separate interventions for the first and last sets of fN+lN.
     #[arg(long)]
     pub untied: bool,
-    /// Activation inside the intervention.
+    /// Activation inside the intervention: linear, relu, gelu, silu, tanh [default: linear].
     #[arg(long)]
     pub act: Option<String>,
-    /// Epochs.
+    /// Epochs [default: 3].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate [default: 4e-3].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Examples per micro-batch.
+    /// Examples per micro-batch [default: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Micro-batches per optimiser step.
+    /// Micro-batches per optimiser step [default: 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Warmup ratio.
+    /// Warmup ratio [default: 0].
     #[arg(long)]
     pub warmup: Option<f64>,
-    /// Weight decay (applied to every intervention parameter).
+    /// Weight decay (applied to every intervention parameter) [default: 0].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Schedule: linear, cosine, constant.
+    /// Schedule: linear, cosine, constant [default: linear].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Dropout on the edit.
+    /// Dropout on the edit [default: 0].
     #[arg(long)]
     pub dropout: Option<f64>,
     /// Longest sequence in tokens (default: no limit, or the context of a model with learned
     /// positions such as GPT-2).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// Seed (data order, initialisation).
+    /// Seed (data order, initialisation) [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Checkpoint every N optimiser steps.
+    /// Checkpoint every N optimiser steps [default: only at the end].
     #[arg(long)]
     pub save_every: Option<usize>,
     /// After each epoch, answer the first N held-out prompts greedily with the adapter as it
-    /// stands (printed, and appended to samples.jsonl in --out).
+    /// stands (printed, and appended to samples.jsonl in --out) [default: 0].
     #[arg(long)]
     pub eval_samples: Option<usize>,
     /// Recompute every example in full each step (same losses, slower).
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Continue from a checkpoint folder of the same run.
-    #[arg(long)]
+    /// Continue from a checkpoint folder of the same run (`--out` may then hold that run).
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: Option<PathBuf>,
+    /// Start afresh in an `--out` folder that holds an earlier run, removing that run's files
+    /// (adapter, metrics, samples, loss curve, checkpoints, head). Without it such a folder is
+    /// refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Start from this adapter (a reft folder, or a pyreft save whose positions `--positions`
     /// gives, default l1) instead of a fresh one: its interventions and weights are trained
     /// further with a fresh optimiser, and its template is the default.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Output folder: adapter, metrics.jsonl, loss.png, checkpoints.
+    /// Output folder: adapter, metrics.jsonl, loss.png, checkpoints (required).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `causal` (the default: prompt → response on a causal LM) or `classify` (a BERT-family
@@ -263,6 +269,8 @@ impl Args {
 
 /// Everything needed to train, resolved from flags and file.
 pub struct Plan {
+    /// The model as the user named it (for the settings line).
+    pub model: String,
     pub spec: AdapterSpec,
     /// An adapter to train further (`--init`) instead of a fresh one built from `spec`, and
     /// where it came from.
@@ -319,6 +327,7 @@ fn plan(a: &Args) -> Result<Plan> {
     let template: Template = a.template.as_deref().unwrap_or("chat").parse()?;
     let out = a.out.clone().context("--out DIR is required")?;
     Ok(Plan {
+        model: a.model.model.clone(),
         spec,
         init: None,
         train_cfg,
@@ -331,6 +340,9 @@ fn plan(a: &Args) -> Result<Plan> {
 pub fn run(mut a: Args) -> Result<()> {
     a.merge_file()?;
     let mut p = plan(&a)?;
+    if a.resume.is_none() {
+        claim_out_dir(&p.out, a.overwrite)?;
+    }
     match a.task.as_deref().unwrap_or("causal") {
         "causal" => {}
         "classify" => {
@@ -459,14 +471,14 @@ fn examples(
 /// folder (adapter with its training summary, metrics, loss curve); returns the adapter.
 pub fn train_adapter(
     lm: &LanguageModel,
-    p: Plan,
+    mut p: Plan,
     train: Vec<Example>,
     eval: Vec<Example>,
     resume: Option<&Path>,
 ) -> Result<Adapter> {
     let d = lm.decoder.config().hidden_size;
     let template = Some(format!("{:?}", p.template).to_lowercase());
-    let (init_from, adapter) = match p.init {
+    let (init_from, adapter) = match p.init.take() {
         Some((dir, mut adapter)) => {
             let c = adapter.config_mut();
             c.base_model = Some(BaseModel::of(lm));
@@ -486,8 +498,13 @@ pub fn train_adapter(
             (None, adapter)
         }
     };
+    eprintln!(
+        "{}",
+        settings_line(&p, adapter.config(), train.len(), eval.len())
+    );
     eprintln!("{}", adapter.parameter_summary(lm.decoder.num_parameters()));
     let n_train = train.len();
+    let t0 = std::time::Instant::now();
     let mut trainer =
         Trainer::new(lm, adapter, train, eval, p.train_cfg.clone())?.with_output(&p.out)?;
     if let Some(dir) = resume {
@@ -507,15 +524,22 @@ pub fn train_adapter(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed}<{eta}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Without a terminal indicatif draws nothing: print about ten plain progress lines instead.
+    let total = trainer.total_steps();
+    let every = total.div_ceil(10).max(1);
     let result = trainer.run(
         &mut |e| match e {
             Event::Step(m) => {
-                bar.set_message(format!(
+                let msg = format!(
                     "loss {:.4} lr {:.2e} {:.0} tok/s",
                     m.loss,
                     m.lr,
                     m.tokens as f64 / m.step_time_s.max(1e-9)
-                ));
+                );
+                if bar.is_hidden() && (m.step % every == 0 || m.step == total) {
+                    eprintln!("step {}/{total} (epoch {:.1}) {msg}", m.step, m.epoch);
+                }
+                bar.set_message(msg);
                 bar.inc(1);
             }
             Event::Epoch {
@@ -562,7 +586,142 @@ pub fn train_adapter(
     if stop.load(Ordering::SeqCst) {
         eprintln!("interrupted: checkpoint saved under {}", p.out.display());
     } else {
-        eprintln!("adapter saved to {}", p.out.display());
+        eprintln!(
+            "{}",
+            closing_summary(&trainer.metrics, t0.elapsed().as_secs_f64(), &p.out)
+        );
     }
     Ok(adapter)
 }
+
+/// The files a training run writes into its `--out` folder (checkpoints are `checkpoint-<step>/`).
+const RUN_FILES: &[&str] = &[
+    reft::adapter::native::CONFIG_FILE,
+    "adapter.safetensors",
+    "classifier_head.safetensors",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "loss.png",
+];
+
+/// The earlier run's files in `out`, if any.
+fn run_files_in(out: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            RUN_FILES.contains(&name.as_str()) || name.starts_with("checkpoint-")
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Makes `out` ready for a fresh run: refuses a folder that holds an earlier run unless
+/// `overwrite`, which removes that run's files (and only those), so two runs never mix.
+pub fn claim_out_dir(out: &Path, overwrite: bool) -> Result<()> {
+    let old = run_files_in(out);
+    if old.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        let names: Vec<String> = old
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        bail!(
+            "{} already holds a training run ({}): pass --overwrite to start afresh (that run's files are removed), or --resume CHECKPOINT to continue it",
+            out.display(),
+            names.join(", ")
+        );
+    }
+    for p in old {
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.with_context(|| format!("removing the earlier run's {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The run's settings on one line, printed before training starts.
+fn settings_line(p: &Plan, c: &AdapterConfig, n_train: usize, n_eval: usize) -> String {
+    let mut kinds: Vec<String> = c
+        .interventions
+        .iter()
+        .map(|i| i.kind.name().to_string())
+        .collect();
+    kinds.dedup();
+    let mut layers: Vec<usize> = c.interventions.iter().map(|i| i.layer).collect();
+    layers.dedup();
+    let layers: Vec<String> = layers.iter().map(usize::to_string).collect();
+    let mut positions: Vec<&str> = c
+        .interventions
+        .iter()
+        .map(|i| i.positions.as_str())
+        .collect();
+    positions.dedup();
+    let rank = c.interventions.first().map_or(0, |i| i.rank);
+    let t = &p.train_cfg;
+    format!(
+        "training on {}: {n_train} examples, {n_eval} held out; {} rank {rank} at layer {} ({}), positions {}; epochs {}, lr {:e}, batch {}{}, template {}",
+        p.model,
+        kinds.join("+"),
+        layers.join(";"),
+        c.interventions.first().map_or("block_output", |i| i.component.name()),
+        positions.join(","),
+        t.epochs,
+        t.optim.lr,
+        t.batch_size,
+        if t.grad_accum > 1 { format!(" x {} accumulated", t.grad_accum) } else { String::new() },
+        format!("{:?}", p.template).to_lowercase(),
+    )
+}
+
+/// The closing lines: the loss at the start and the end, time, where the adapter is, and a hint
+/// when the loss is still high. Start and end are the first and last epochs' mean losses (single
+/// steps see different batches, so one step against another says little), or the first and
+/// last steps' of a one-epoch run.
+fn closing_summary(metrics: &[reft::train::StepMetrics], secs: f64, out: &Path) -> String {
+    let Some(last) = metrics.last() else {
+        return format!("no steps were run; adapter saved to {}", out.display());
+    };
+    let per_epoch = metrics
+        .iter()
+        .filter(|m| m.epoch <= 1.0 + 1e-9)
+        .count()
+        .max(1);
+    let mean = |ms: &[reft::train::StepMetrics]| {
+        ms.iter().map(|m| m.loss).sum::<f64>() / ms.len().max(1) as f64
+    };
+    let (start, end, what) = if metrics.len() > per_epoch {
+        (
+            mean(&metrics[..per_epoch]),
+            mean(&metrics[metrics.len() - per_epoch..]),
+            "mean loss of the first epoch",
+        )
+    } else {
+        (metrics[0].loss, last.loss, "loss")
+    };
+    let mut s = format!(
+        "done in {secs:.1} s: {} steps, {what} {start:.4} -> last {end:.4}; adapter saved to {}",
+        last.step,
+        out.display()
+    );
+    if end > STILL_HIGH * start {
+        s.push_str(&format!(
+            "\nthe loss is still {:.0}% of where it started: the adapter may not have learnt the task yet; try more --epochs (or a higher --lr)",
+            100.0 * end / start.max(1e-12)
+        ));
+    }
+    s
+}
+
+/// A final loss above this fraction of the first step's counts as still high.
+const STILL_HIGH: f64 = 0.5;

@@ -265,9 +265,18 @@ impl Adapter {
             "trainable intervention params: {} || trainable model params: 0\nmodel params: {} || trainable%: {}",
             group_digits(n),
             group_digits(model_params),
-            100.0 * n as f64 / model_params.max(1) as f64
+            percent(100.0 * n as f64 / model_params.max(1) as f64)
         )
     }
+}
+
+/// A percentage with three significant digits (`0.0205`, `1.23`, `45.6`), never in exponent form.
+fn percent(p: f64) -> String {
+    if p == 0.0 || !p.is_finite() {
+        return format!("{p}");
+    }
+    let decimals = (2 - p.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    format!("{p:.decimals$}")
 }
 
 impl Adapter {
