@@ -62,8 +62,70 @@ fn main() -> std::process::ExitCode {
             }) {
                 return std::process::ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: a cause already at the end of the text
+/// (an I/O error that its wrapper printed too) is dropped, and a cause that starts with what the
+/// text ends with (a context naming the file, then the library's error naming it again) goes on
+/// from there.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut after_io = false;
+    for c in e.chain() {
+        // The library's I/O errors already say what their source says.
+        let skip = after_io && c.downcast_ref::<std::io::Error>().is_some();
+        after_io = matches!(
+            c.downcast_ref::<reft::Error>(),
+            Some(reft::Error::Io { .. })
+        );
+        if skip {
+            continue;
+        }
+        let cause = c.to_string();
+        if text.is_empty() {
+            text = cause;
+            continue;
+        }
+        if text.ends_with(&cause) {
+            continue;
+        }
+        let overlap = std::iter::once(0)
+            .chain(text.match_indices(' ').map(|(i, _)| i + 1))
+            .map(|i| &text[i..])
+            .find(|tail| !tail.is_empty() && cause.starts_with(tail))
+            .map_or(0, str::len);
+        if overlap == 0 {
+            text.push_str(": ");
+        }
+        text.push_str(&cause[overlap..]);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+    use anyhow::Context;
+
+    #[test]
+    fn each_part_of_an_error_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let lib = reft::Error::io("/tmp/a.jsonl", io);
+        let e = Err::<(), _>(lib)
+            .context("reading /tmp/a.jsonl")
+            .unwrap_err();
+        assert_eq!(error_text(&e), "reading /tmp/a.jsonl: does not exist");
+        let e = Err::<(), _>(anyhow::anyhow!("line 2: bad"))
+            .context("cannot load adapter x")
+            .unwrap_err();
+        assert_eq!(error_text(&e), "cannot load adapter x: line 2: bad");
+        let e = Err::<(), _>(anyhow::anyhow!("model `m`: not found"))
+            .context("cannot load model `m`")
+            .unwrap_err();
+        assert_eq!(error_text(&e), "cannot load model `m`: not found");
     }
 }

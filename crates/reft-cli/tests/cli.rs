@@ -392,6 +392,89 @@ fn train_reports_progress_and_never_mixes_two_runs() {
     );
 }
 
+/// Each error says what is wrong once: a missing path does not exist, a bad data line names its
+/// line and column, an Alpaca record without `prompt` gets the flags that read it.
+#[test]
+fn error_messages_say_each_thing_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stderr = |args: &[&str]| {
+        let out = reft(args);
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = tmp.path().join("missing-adapter");
+    assert_eq!(
+        stderr(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "--adapter",
+            missing.to_str().unwrap()
+        ]),
+        format!(
+            "error: cannot load adapter {}: does not exist\n",
+            missing.display()
+        )
+    );
+    let out = tmp.path().join("out");
+    let train = |data: &std::path::Path| {
+        stderr(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let no_data = tmp.path().join("missing.jsonl");
+    assert_eq!(
+        train(&no_data),
+        format!("error: reading {}: does not exist\n", no_data.display())
+    );
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": 3\n",
+    )
+    .unwrap();
+    assert_eq!(
+        train(&bad),
+        format!(
+            "error: reading {}: line 2, column 12: not JSON: EOF while parsing an object\n",
+            bad.display()
+        )
+    );
+    let alpaca = tmp.path().join("alpaca.jsonl");
+    std::fs::write(
+        &alpaca,
+        "{\"instruction\": \"a\", \"input\": \"\", \"output\": \"b\"}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        train(&alpaca),
+        format!(
+            "error: reading {}: line 1: no `prompt` field (an Alpaca record? use --prompt-field \
+             instruction --response-field output)\n",
+            alpaca.display()
+        )
+    );
+    // The suggested flags read it.
+    let o = reft_ok(&[
+        "train",
+        "--data",
+        alpaca.to_str().unwrap(),
+        "--prompt-field",
+        "instruction",
+        "--response-field",
+        "output",
+        "--epochs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 examples, 0 held out"));
+}
+
 /// `reft train --init A` trains adapter A further. With lr 0 the saved adapter is A, byte for
 /// byte, and the first step's loss is A's loss on the data, lower than a fresh adapter's; A
 /// exported as a pyreft folder starts from the same loss. Flags that describe another adapter,

@@ -11,8 +11,8 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    /// Reading or writing a file failed (a missing file reads "does not exist").
+    #[error("{path}: {}", io_text(source))]
     Io {
         /// The file involved.
         path: PathBuf,
@@ -89,6 +89,14 @@ pub enum Error {
     /// A caller passed invalid arguments (generation options, sites, …).
     #[error("{0}")]
     InvalidArgument(String),
+}
+
+/// An I/O error in words; a missing file or folder "does not exist".
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "does not exist".into(),
+        _ => e.to_string(),
+    }
 }
 
 /// `Result` with the library's [`Error`].

@@ -289,7 +289,12 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if dir.join(native::CONFIG_FILE).exists() {
+        if !dir.exists() {
+            Err(Error::BadConfig {
+                path: dir.to_path_buf(),
+                msg: "does not exist".into(),
+            })
+        } else if dir.join(native::CONFIG_FILE).exists() {
             Self::load(dir, base, dtype, device)
         } else if dir.join("config.json").exists() {
             Self::import_pyreft(dir, pyreft_positions, base, dtype, device)

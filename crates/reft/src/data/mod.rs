@@ -108,7 +108,10 @@ pub fn read_rows(path: &Path, columns: &[&str]) -> Result<(Vec<(usize, Value)>, 
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let bad = |line: usize, msg: String| Error::BadConfig {
         path: path.to_path_buf(),
-        msg: format!("line {line}: {msg}"),
+        msg: match msg.strip_prefix("column ") {
+            Some(rest) => format!("line {line}, column {rest}"),
+            None => format!("line {line}: {msg}"),
+        },
     };
     let ext = path
         .extension()
@@ -121,7 +124,7 @@ pub fn read_rows(path: &Path, columns: &[&str]) -> Result<(Vec<(usize, Value)>, 
         "json" => match serde_json::from_str::<Value>(&text) {
             Ok(Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect(),
             Ok(_) => return Err(bad(1, "expected a JSON array of records".into())),
-            Err(e) => return Err(bad(e.line(), e.to_string())),
+            Err(e) => return Err(bad(e.line(), json_error(&e))),
         },
         _ => text
             .lines()
@@ -130,11 +133,21 @@ pub fn read_rows(path: &Path, columns: &[&str]) -> Result<(Vec<(usize, Value)>, 
             .map(|(i, l)| {
                 serde_json::from_str(l)
                     .map(|v| (i + 1, v))
-                    .map_err(|e| bad(i + 1, format!("not JSON: {e}")))
+                    .map_err(|e| bad(i + 1, json_error(&e)))
             })
             .collect::<Result<_>>()?,
     };
     Ok((rows, "line"))
+}
+
+/// A JSON syntax error as `column C: not JSON: what`, for a message that already names the
+/// file's line (serde_json's own text ends in "at line L column C", L counting within the text
+/// it was given, which for JSON Lines is always 1).
+fn json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let what = text.strip_suffix(&suffix).unwrap_or(&text);
+    format!("column {}: not JSON: {what}", e.column())
 }
 
 /// Records from numbered rows; a bad one is reported as `{unit} {number}`.
@@ -193,7 +206,15 @@ fn record_of(v: &Value, f: &Fields) -> std::result::Result<Record, String> {
             response: last.content,
         });
     }
-    let prompt = text(&f.prompt).ok_or_else(|| format!("no `{}` field", f.prompt))?;
+    let prompt = text(&f.prompt).ok_or_else(|| {
+        let mut msg = format!("no `{}` field", f.prompt);
+        if f.prompt != "instruction" && v.get("instruction").is_some() {
+            msg.push_str(
+                " (an Alpaca record? use --prompt-field instruction --response-field output)",
+            );
+        }
+        msg
+    })?;
     let response = text(&f.response).ok_or_else(|| format!("no `{}` field", f.response))?;
     let input = text(&f.input).filter(|s| !s.is_empty());
     Ok(Record {
