@@ -149,6 +149,15 @@ fn adapter_for_another_model_and_bad_files_are_clear_errors() {
     )
     .unwrap_err()
     .to_string();
+    assert!(
+        msg.ends_with("no-such-adapter-dir: does not exist"),
+        "{msg}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let msg = Adapter::open(empty.path(), None, "l1", DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not an adapter folder"), "{msg}");
 }
 
