@@ -23,7 +23,7 @@ pub enum Command {
         /// Positions each intervention edits (pyreft does not record them).
         #[arg(long, default_value = "l1")]
         positions: String,
-        /// Record this base model in the adapter (and check the adapter fits it).
+        /// Record this base model in the adapter (and check the adapter fits it) [default: none].
         #[arg(long)]
         model: Option<String>,
     },

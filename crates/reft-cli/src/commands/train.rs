@@ -108,7 +108,8 @@ pub struct Args {
     /// Recompute every example in full each step (same losses, slower).
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Continue from a checkpoint folder of the same run (`--out` may then hold that run).
+    /// Continue from a checkpoint folder of the same run (`--out` may then hold that run)
+    /// [default: none].
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: Option<PathBuf>,
     /// Start afresh in an `--out` folder that holds an earlier run, removing that run's files
@@ -116,7 +117,7 @@ pub struct Args {
     /// refused.
     #[arg(long)]
     pub overwrite: bool,
-    /// Start from this adapter (a reft folder, or a pyreft save whose positions `--positions`
+    /// Start from this adapter [default: none] (a reft folder, or a pyreft save whose positions `--positions`
     /// gives, default l1) instead of a fresh one: its interventions and weights are trained
     /// further with a fresh optimiser, and its template is the default.
     #[arg(long)]
@@ -129,14 +130,15 @@ pub struct Args {
     /// interventions and saved beside them as classifier_head.safetensors).
     #[arg(long)]
     pub task: Option<String>,
-    /// Classification: the text field.
+    /// Classification: the text field [default: sentence].
     #[arg(long)]
     pub text_field: Option<String>,
-    /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs.
+    /// Classification: the second text of a pair (e.g. `sentence2`), if the task has pairs
+    /// [default: none].
     #[arg(long)]
     pub text_pair_field: Option<String>,
     /// Classification: the label field: class ids (single), numbers (regression), or lists of
-    /// class ids (multi-label: `[0, 3]`, or `"0,3"` in CSV/TSV).
+    /// class ids (multi-label: `[0, 3]`, or `"0,3"` in CSV/TSV) [default: label].
     #[arg(long)]
     pub label_field: Option<String>,
     /// Classification: number of classes (default: the largest class id + 1; regression: 1).
@@ -153,7 +155,7 @@ pub struct Args {
     /// number, mean squared error) or `multi-label` (a set of classes, binary cross-entropy).
     #[arg(long)]
     pub problem: Option<String>,
-    /// Read the fields above from a TOML file (flags given on the command line win).
+    /// Read the fields above from a TOML file (flags given on the command line win) [default: none].
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
