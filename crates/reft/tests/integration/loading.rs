@@ -12,7 +12,7 @@ use reft::weights::{GgufFile, WeightSource};
 use reft::{Error, LanguageModel};
 
 fn tiny_llama_dir() -> PathBuf {
-    fixtures_dir().join("models/tiny-llama")
+    fixture("models/tiny-llama")
 }
 
 fn hf_tensors() -> Vec<(String, Tensor)> {
@@ -382,10 +382,7 @@ fn bf16_and_f16_weights_become_f32() {
 #[test]
 fn num_parameters_equal_the_checkpoint_sizes() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
-        let file = fixtures_dir()
-            .join("models")
-            .join(name)
-            .join("model.safetensors");
+        let file = fixture("models").join(name).join("model.safetensors");
         let total: usize = candle_core::safetensors::load(file, &Device::Cpu)
             .unwrap()
             .values()
@@ -405,7 +402,7 @@ fn num_parameters_equal_the_checkpoint_sizes() {
 
 /// tiny-gpt2's config with some keys replaced, written to a temporary folder.
 fn gpt2_config_with(edits: serde_json::Value) -> (tempfile::TempDir, PathBuf) {
-    let src = fixtures_dir().join("models/tiny-gpt2/config.json");
+    let src = fixture("models/tiny-gpt2/config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
     for (k, v) in edits.as_object().unwrap() {
@@ -419,8 +416,7 @@ fn gpt2_config_with(edits: serde_json::Value) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn gpt2_config_is_read_and_unsupported_variants_are_named() {
-    let cfg =
-        DecoderConfig::from_hf_json(&fixtures_dir().join("models/tiny-gpt2/config.json")).unwrap();
+    let cfg = DecoderConfig::from_hf_json(&fixture("models/tiny-gpt2/config.json")).unwrap();
     assert_eq!(cfg.arch, reft::model::Arch::Gpt2);
     assert_eq!(
         (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.head_dim),
@@ -473,8 +469,7 @@ fn gpt2_from_gguf_is_a_clear_error() {
         "{msg}"
     );
 
-    let cfg =
-        DecoderConfig::from_hf_json(&fixtures_dir().join("models/tiny-gpt2/config.json")).unwrap();
+    let cfg = DecoderConfig::from_hf_json(&fixture("models/tiny-gpt2/config.json")).unwrap();
     let src = WeightSource::Gguf(GgufFile::open(&path).unwrap());
     let msg = expect_err(
         Decoder::load(&src, cfg, &Device::Cpu, DType::F32, true),
@@ -493,7 +488,7 @@ fn gpt2_from_gguf_is_a_clear_error() {
 fn special_id_outside_the_vocabulary_is_named() {
     let dir = gpt2_folder::tiny_gpt2_folder(&fixtures_dir());
     std::fs::copy(
-        fixtures_dir().join("models/tiny-gpt2/generation_config.json"),
+        fixture("models/tiny-gpt2/generation_config.json"),
         dir.path().join("generation_config.json"),
     )
     .unwrap();

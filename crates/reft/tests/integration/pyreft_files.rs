@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use crate::common::{fixtures_dir, max_abs_diff, zip_entries, zip_with_data_pkl};
+use crate::common::{fixture, max_abs_diff, zip_entries, zip_with_data_pkl};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use reft::adapter::pickle::{read_torch_bytes, read_torch_file, write_torch_file, PickleValue};
@@ -127,7 +127,7 @@ fn assert_same(a: &PyreftIntervention, b: &PyreftIntervention) {
 
 #[test]
 fn reads_the_pyreft_fixture() {
-    let dir = fixtures_dir().join("pyreft_adapter");
+    let dir = fixture("pyreft_adapter");
     let ivs = read_pyreft(&dir).unwrap();
     assert_eq!(ivs.len(), 1);
     let iv = &ivs[0];
@@ -155,8 +155,7 @@ fn reads_the_pyreft_fixture() {
 
 #[test]
 fn fixture_pickle_keeps_file_order_and_dtypes() {
-    let file = fixtures_dir()
-        .join("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
+    let file = fixture("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
     let entries = read_torch_file(&file).unwrap();
     let names: Vec<_> = entries.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["weight", "bias", "rotate_layer"]);
@@ -444,8 +443,7 @@ fn module_state_dict_metadata_is_accepted() {
 
 #[test]
 fn truncated_or_corrupt_bin_is_a_clear_error() {
-    let src = fixtures_dir()
-        .join("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
+    let src = fixture("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
     let bytes = std::fs::read(&src).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("cut.bin");
@@ -481,7 +479,7 @@ fn truncated_or_corrupt_bin_is_a_clear_error() {
     let dir = tmp.path().join("adapter");
     std::fs::create_dir(&dir).unwrap();
     std::fs::copy(
-        fixtures_dir().join("pyreft_adapter/config.json"),
+        fixture("pyreft_adapter/config.json"),
         dir.join("config.json"),
     )
     .unwrap();
@@ -498,8 +496,7 @@ fn truncated_or_corrupt_bin_is_a_clear_error() {
 fn mutated_pickles_never_panic() {
     // Every byte of the fixture's data.pkl flipped in a few ways, and every truncation, repacked
     // with valid CRCs so that the interpreter (not the zip check) sees the damage.
-    let src = fixtures_dir()
-        .join("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
+    let src = fixture("pyreft_adapter/intkey_layer_6_comp_block_output_unit_pos_nunit_1#0.bin");
     let records = zip_entries(&std::fs::read(&src).unwrap());
     let pkl = records
         .iter()

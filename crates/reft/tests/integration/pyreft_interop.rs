@@ -15,12 +15,12 @@ fn pyreft_adapter_reproduces_pyreft_generations() {
     // pyreft prints the base model's size from PyTorch's count: 134,515,008.
     assert_eq!(lm.decoder.num_parameters(), 134_515_008);
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures_dir().join("pyreft_adapter_expected.json")).unwrap(),
+        &std::fs::read_to_string(fixture("pyreft_adapter_expected.json")).unwrap(),
     )
     .unwrap();
     let positions = expected["positions"].as_str().unwrap();
     let mut adapter = Adapter::import_pyreft(
-        &fixtures_dir().join("pyreft_adapter"),
+        &fixture("pyreft_adapter"),
         positions,
         Some(&base),
         DType::F32,
@@ -84,7 +84,7 @@ fn pyreft_adapter_for_another_model_is_rejected() {
         tokenizer_fingerprint: String::new(),
     };
     let msg = Adapter::import_pyreft(
-        &fixtures_dir().join("pyreft_adapter"),
+        &fixture("pyreft_adapter"),
         "l1",
         Some(&other),
         DType::F32,

@@ -18,7 +18,7 @@ fn data_dir() -> PathBuf {
 }
 
 fn fixture_model(name: &str) -> PathBuf {
-    fixtures_dir().join("models").join(name)
+    fixture("models").join(name)
 }
 
 const IDS: [u32; 7] = [3, 77, 120, 5, 300, 9, 41];

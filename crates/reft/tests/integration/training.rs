@@ -34,7 +34,7 @@ fn tiny_lm(name: &str) -> LanguageModel {
         decoder,
         tokenizer,
         chat_template: reft::template::ChatTemplate::new(reft::template::CHATML, "", ""),
-        path: fixtures_dir().join("models").join(name),
+        path: fixture("models").join(name),
     }
 }
 

