@@ -27,11 +27,16 @@ enum Command {
         override_usage = "reft train --data FILE --out DIR [OPTIONS]\n       reft train --config run.toml [OPTIONS]"
     )]
     Train(Box<commands::train::Args>),
-    /// Score a model (and adapters) on labelled data; prints one JSON line of metrics.
+    /// Score a model (and adapters) on labelled data; prints one JSON line of metrics. Prompts
+    /// use the adapter's template, else `chat` (the same default as `reft train`).
+    #[command(override_usage = "reft eval --data FILE [OPTIONS]")]
     Eval(commands::eval::Args),
-    /// Generate text from a prompt (greedy unless --temperature is given).
+    /// Generate text from a prompt (greedy unless --temperature is given). The prompt is
+    /// rendered with the adapter's template, else taken as given (raw).
+    #[command(override_usage = "reft generate --prompt TEXT [--prompt TEXT …] [OPTIONS]")]
     Generate(commands::generate::Args),
-    /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends).
+    /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends). The
+    /// conversation is rendered with the adapter's template, else the model's chat template.
     Chat(commands::chat::Args),
     /// Print the token ids of a text as a JSON array (no special tokens added).
     Tokenize(commands::tokenize::Args),

@@ -127,12 +127,17 @@ const QUICKSTART_ADAPTER: [&str; 8] = [
 ];
 
 fn fixtures() -> std::path::PathBuf {
-    match std::env::var_os("REFT_FIXTURES") {
-        Some(p) => p.into(),
-        None => {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        }
-    }
+    let dir = match std::env::var_os("REFT_FIXTURES") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../reft/tests/fixtures"),
+    };
+    assert!(
+        dir.join("quickstart_emoji.jsonl").is_file() && dir.join("pyreft_adapter").is_dir(),
+        "the test fixtures are missing from {} (the repository ships them in \
+         crates/reft/tests/fixtures; REFT_FIXTURES, if set, must name a folder of the same layout)",
+        dir.display()
+    );
+    dir
 }
 
 #[test]
@@ -394,6 +399,101 @@ fn train_reports_progress_and_never_mixes_two_runs() {
 
 /// Each error says what is wrong once: a missing path does not exist, a bad data line names its
 /// line and column, an Alpaca record without `prompt` gets the flags that read it.
+/// An adapter remembers its template: one trained with the chat template (train's default)
+/// answers the same through `generate` with and without `--chat`, and `eval` uses it too; several
+/// prompts print one line each (newlines escaped) or JSON lines; `eval --predictions` writes each
+/// item's prediction beside its reference.
+#[test]
+fn adapters_remember_their_template_and_outputs_are_one_line_per_item() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("emoji");
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    reft_ok(
+        &[
+            &[
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ][..],
+            &QUICKSTART_ADAPTER,
+            &["--epochs", "5", "--batch-size", "10"],
+        ]
+        .concat(),
+    );
+    let config = std::fs::read_to_string(out.join("reft_config.json")).unwrap();
+    assert!(config.contains("\"template\": \"chat\""), "{config}");
+    let adapter = out.to_str().unwrap();
+    let prompt = "Which is bigger, the Moon or the Earth?";
+    let gen = |extra: &[&str]| {
+        let base = ["generate", "--max-new-tokens", "12", "--adapter", adapter];
+        String::from_utf8(reft_ok(&[&base[..], extra].concat()).stdout).unwrap()
+    };
+    let plain = gen(&["--prompt", prompt]);
+    assert_eq!(plain, gen(&["--chat", "--prompt", prompt]));
+    assert_ne!(plain, gen(&["--raw", "--prompt", prompt]));
+
+    // Two prompts: two lines, in order; the first is the single prompt's answer, and an answer's
+    // own newlines are written as \n.
+    let two = gen(&["--prompt", prompt, "--prompt", "Write two lines of a poem."]);
+    let lines: Vec<&str> = two.lines().collect();
+    assert_eq!(lines.len(), 2, "{two:?}");
+    assert_eq!(format!("{}\n", lines[0].replace("\\n", "\n")), plain);
+    let json = gen(&["--json", "--prompt", prompt, "--prompt", "Hi"]);
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["prompt"], prompt);
+    assert_eq!(format!("{}\n", rows[0]["text"].as_str().unwrap()), plain);
+    assert!(rows[1]["tokens"].as_u64().unwrap() <= 12);
+    assert!(["stop", "length"].contains(&rows[1]["finish_reason"].as_str().unwrap()));
+
+    // eval with the adapter: its template, and each prediction beside its reference.
+    let items = tmp.path().join("items.jsonl");
+    std::fs::write(
+        &items,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": prompt, "answer": "🌍"}),
+            serde_json::json!({"prompt": "Who are you?", "answer": ["🤖", "🤖💬"]}),
+        ),
+    )
+    .unwrap();
+    let preds = tmp.path().join("preds.jsonl");
+    let e = reft_ok(&[
+        "eval",
+        "--task",
+        "generate",
+        "--max-new-tokens",
+        "12",
+        "--data",
+        items.to_str().unwrap(),
+        "--adapter",
+        adapter,
+        "--predictions",
+        preds.to_str().unwrap(),
+    ]);
+    let line: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(line["n"], 2);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["index"], 0);
+    assert_eq!(rows[0]["prompt"], prompt);
+    assert_eq!(rows[0]["reference"], serde_json::json!(["🌍"]));
+    // The first answer line of generate with the chat template, as eval cuts it.
+    let first_line = plain.lines().next().unwrap_or("").trim();
+    assert_eq!(rows[0]["prediction"], first_line);
+    let hits = rows.iter().filter(|r| r["correct"] == true).count() as f64;
+    assert_eq!(line["exact_match"].as_f64().unwrap(), hits / 2.0);
+}
+
 #[test]
 fn error_messages_say_each_thing_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -576,23 +676,16 @@ fn train_init_continues_from_an_adapter() {
     );
 }
 
-/// `reft quickstart` (the README's first command), shortened to ten epochs: it trains, saves
-/// the adapter with its metrics and loss curve, and prints the ten unseen prompts answered with
-/// and without the adapter. The base model answers in words; with the adapter at least 8 of the
-/// 10 answers have no letters (10 with seed 42 when measured; pyreft on the same weights and
-/// settings: 10). At the recipe's full 100 epochs both memorise the ten training answers and
-/// generalise worse (README, "Training").
+/// `reft quickstart` with its default recipe (first and last prompt tokens, 25 epochs) and seed
+/// 42: the base model answers in words, the adapter answers at least 9 of the 10 unseen prompts
+/// with emoji only and ends at least 8 of them before the 32-token limit (10 and 9 when
+/// measured; seeds 1 and 2 the same, README "Quickstart"), and no answer cut by the limit ends
+/// in a broken character.
 #[test]
 fn quickstart_trains_saves_and_answers_unseen_prompts_in_emoji() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
-    let o = reft_ok(&[
-        "quickstart",
-        "--epochs",
-        "10",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = reft_ok(&["quickstart", "--out", out.to_str().unwrap()]);
     let stdout = String::from_utf8(o.stdout).unwrap();
     let answers = |prefix: &str| -> Vec<String> {
         stdout
@@ -611,20 +704,33 @@ fn quickstart_trains_saves_and_answers_unseen_prompts_in_emoji() {
     );
     let words = |a: &String| a.chars().filter(|c| c.is_alphabetic()).count() >= 10;
     assert!(base.iter().all(words), "{stdout}");
+    assert!(steered.iter().all(|a| !a.ends_with('\u{FFFD}')), "{stdout}");
     let emoji_only = steered
         .iter()
         .filter(|a| !a.is_empty() && !a.chars().any(char::is_alphabetic))
         .count();
-    assert!(emoji_only >= 8, "{emoji_only}/10 emoji-only:\n{stdout}");
+    let summary = stdout
+        .lines()
+        .find(|l| l.contains("answers with the adapter have no letters"))
+        .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    let ended: usize = summary
+        .split("; ")
+        .nth(1)
+        .and_then(|p| p.split('/').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
     assert!(
-        stdout.contains(&format!(
-            "{emoji_only}/10 answers with the adapter have no letters"
+        summary.starts_with(&format!(
+            "{emoji_only}/10 answers with the adapter have no letters; "
         )),
-        "{stdout}"
+        "{summary}"
     );
+    assert!(emoji_only >= 9, "{emoji_only}/10 emoji-only:\n{stdout}");
+    assert!(ended >= 8, "{ended}/10 ended before the limit:\n{stdout}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 10);
-    assert!(out.join("reft_config.json").exists());
+    assert_eq!(metrics.lines().count(), 25);
+    let config = std::fs::read_to_string(out.join("reft_config.json")).unwrap();
+    assert!(config.contains("\"positions\": \"f1+l1\""), "{config}");
     assert!(out.join("adapter.safetensors").exists());
     assert!(out.join("loss.png").exists());
 }
@@ -995,6 +1101,7 @@ fn gpt2_folder_generates_trains_and_evaluates() {
         model,
         "--task",
         "choice",
+        "--raw",
         "--data",
         items.to_str().unwrap(),
     ]);

@@ -263,6 +263,7 @@ pub fn generate(
             advance(&mut seqs[i], tok, tokenizer, cfg, i, on_text)?;
             if seqs[i].finish.is_none() && step + 1 == max_new_tokens {
                 seqs[i].finish = Some(FinishReason::Length);
+                drop_partial_char(&mut seqs[i]);
                 flush(&mut seqs[i], i, on_text);
             }
         }
@@ -339,8 +340,8 @@ fn advance(
     }
     // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
     let mut safe = s.text.len();
-    if s.text.ends_with('\u{FFFD}') {
-        safe -= '\u{FFFD}'.len_utf8();
+    while s.text[..safe].ends_with(PARTIAL) {
+        safe -= PARTIAL.len_utf8();
     }
     for st in &cfg.stop_strings {
         for k in (1..st.len()).rev() {
@@ -356,6 +357,18 @@ fn advance(
     Ok(())
 }
 
+/// What the tokenizer's lossy decoding shows for the bytes of a character not yet complete.
+const PARTIAL: char = '\u{FFFD}';
+
+/// Cuts the text of a sequence stopped by the token limit back to its last whole character: the
+/// limit can fall inside a multi-byte character (an emoji is often two or three tokens), whose
+/// bytes so far decode as replacement characters. Those were held back from the stream, so
+/// nothing already streamed is taken back.
+fn drop_partial_char(s: &mut SeqState) {
+    let whole = s.text.trim_end_matches(PARTIAL).len().max(s.emitted);
+    s.text.truncate(whole);
+}
+
 /// Streams whatever text is still held back.
 fn flush(s: &mut SeqState, i: usize, on_text: &mut dyn FnMut(usize, &str)) {
     if s.text.len() > s.emitted {
@@ -367,6 +380,26 @@ fn flush(s: &mut SeqState, i: usize, on_text: &mut dyn FnMut(usize, &str)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_inside_a_character_drops_its_partial_bytes_only() {
+        let state = |text: &str, emitted: usize| SeqState {
+            ids: Vec::new(),
+            emitted,
+            text: text.into(),
+            finish: Some(FinishReason::Length),
+        };
+        let mut s = state("🌍🌍\u{FFFD}\u{FFFD}", 8);
+        drop_partial_char(&mut s);
+        assert_eq!(s.text, "🌍🌍");
+        // What was already streamed stays.
+        let mut s = state("ok\u{FFFD}", 5);
+        drop_partial_char(&mut s);
+        assert_eq!(s.text, "ok\u{FFFD}");
+        let mut s = state("🌍", 0);
+        drop_partial_char(&mut s);
+        assert_eq!(s.text, "🌍");
+    }
 
     #[test]
     fn greedy_takes_first_max() {

@@ -1,6 +1,8 @@
-//! pyreft's quickstart recipe (SPEC §9), shared by `reft quickstart`, the training benchmark and
-//! the tests: ten prompts answered only with emoji, a rank-4 LoReFT at layer 15 `block_output`
-//! on the last prompt token, learning rate 4e-3, batch 10, 100 epochs.
+//! pyreft's quickstart (SPEC §9), shared by `reft quickstart`, the training benchmark and the
+//! tests: ten prompts answered only with emoji by a rank-4 LoReFT at layer 15 `block_output`,
+//! learning rate 4e-3, batch 10. pyreft trains it on the last prompt token for 100 epochs
+//! ([`PYREFT_RECIPE`]); `reft quickstart` by default on the first and last prompt tokens for 25
+//! ([`RECIPE`]), which generalises to unseen prompts where pyreft's over-fits.
 
 use crate::adapter::{AdapterConfig, AdapterSpec, BaseModel};
 use crate::data::{tokenize, Example, Record, Template, TokenizeOptions};
@@ -21,15 +23,50 @@ pub fn held_out() -> Vec<&'static str> {
         .collect()
 }
 
+/// Where the quickstart's intervention sits and how long it trains; the rest is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// Positions (`l1`, `f1+l1`, …).
+    pub positions: &'static str,
+    /// Epochs over the ten examples.
+    pub epochs: usize,
+}
+
+/// `reft quickstart`'s default, chosen by measurement on SmolLM2-135M-Instruct (README,
+/// "Quickstart"): with seeds 42, 1 and 2 it answers 10 of the 10 held-out prompts with emoji
+/// only and ends 9 of them before the 32-token limit. On the last token alone no epoch count
+/// from 10 to 75 did both on every seed: short runs ramble on in emoji, long ones over-fit.
+pub const RECIPE: Recipe = Recipe {
+    positions: "f1+l1",
+    epochs: 25,
+};
+
+/// pyreft's quickstart as published (`reft quickstart --pyreft-recipe`).
+pub const PYREFT_RECIPE: Recipe = Recipe {
+    positions: "l1",
+    epochs: 100,
+};
+
+/// Whether an answer counts as emoji only: something was said and none of it is a letter.
+pub fn is_emoji_only(text: &str) -> bool {
+    !text.trim().is_empty() && !text.chars().any(char::is_alphabetic)
+}
+
 /// The prompt template: the model's chat template.
 pub const TEMPLATE: Template = Template::Chat;
 
-/// The intervention: rank-4 LoReFT after layer 15, last prompt position.
+/// pyreft's intervention: rank-4 LoReFT after layer 15, last prompt position.
 pub fn adapter_spec() -> AdapterSpec {
-    serde_json::from_str(
-        r#"{"interventions": [{"kind": "loreft", "layers": 15, "component": "block_output", "rank": 4, "positions": "l1"}]}"#,
-    )
-    .expect("the quickstart spec is valid")
+    adapter_spec_at(PYREFT_RECIPE.positions)
+}
+
+/// The quickstart's rank-4 LoReFT after layer 15 at `positions`.
+pub fn adapter_spec_at(positions: &str) -> AdapterSpec {
+    let json = serde_json::json!({"interventions": [{
+        "kind": "loreft", "layers": 15, "component": "block_output", "rank": 4,
+        "positions": positions,
+    }]});
+    serde_json::from_value(json).expect("the quickstart spec is valid")
 }
 
 /// The adapter configuration for `lm`.

@@ -3,10 +3,11 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Result;
+use reft::data::{prompt_ids, Template};
 use reft::generate::generate;
 use reft::template::Message;
 
-use super::{AdapterArgs, ModelArgs, SamplingArgs};
+use super::{AdapterArgs, ModelArgs, SamplingArgs, TemplateArgs};
 
 /// Arguments of `reft chat`.
 #[derive(clap::Args, Debug)]
@@ -16,6 +17,8 @@ pub struct Args {
     /// System message.
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    template: TemplateArgs,
     #[command(flatten)]
     adapters: AdapterArgs,
     #[command(flatten)]
@@ -27,6 +30,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut cfg = args.sampling.config(&lm)?;
     cfg.hooks_on_generated = args.adapters.every_token;
     let mut adapters = args.adapters.load(&lm)?;
+    let template = args.template.resolve(&adapters, Template::Chat)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(Message::new("system", s.clone()));
@@ -45,9 +49,7 @@ pub fn run(args: Args) -> Result<()> {
             break;
         }
         messages.push(Message::new("user", line));
-        let ids = lm
-            .tokenizer
-            .encode(&lm.chat_template.render(&messages, true)?)?;
+        let ids = prompt_ids(&lm, &messages, template)?;
         let mut io_err = None;
         let reply = generate(
             &lm.decoder,

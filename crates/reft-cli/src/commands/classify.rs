@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use reft::adapter::{Adapter, AdapterConfig};
 use reft::train::classify::{
     predict, score, train_classifier, ClassifyConfig, Head, HeadFile, HeadKind, HeadSpec, Inputs,
-    Labels, Problem,
+    Labels, Predictions, Problem,
 };
 use serde_json::Value;
 
@@ -57,6 +57,15 @@ impl LabelColumn {
             LabelColumn::Classes(c) => Labels::Classes(c),
             LabelColumn::Values(v) => Labels::Values(v),
             LabelColumn::Sets(s) => Labels::Sets(s),
+        }
+    }
+
+    /// Row `k`'s label as JSON.
+    fn item(&self, k: usize) -> Value {
+        match self {
+            LabelColumn::Classes(c) => c[k].into(),
+            LabelColumn::Values(v) => f64::from(v[k]).into(),
+            LabelColumn::Sets(s) => s[k].clone().into(),
         }
     }
 
@@ -272,6 +281,7 @@ pub fn eval(
     data: &Path,
     fields: (&str, Option<&str>, &str),
     range: (usize, Option<usize>),
+    predictions: Option<&Path>,
 ) -> Result<serde_json::Value> {
     let (text_field, pair_field, label_field) = fields;
     let head_context = || format!("cannot load the head in {}", adapter_dir.display());
@@ -322,6 +332,25 @@ pub fn eval(
         },
         &ClassifyConfig::default(),
     )?;
+    if let Some(path) = predictions {
+        let rows = texts.iter().enumerate().map(|(k, text)| {
+            let (prediction, reference) = (predicted_item(&pred, k), labels.item(k));
+            let mut row = serde_json::json!({
+                "index": range.0 + k,
+                "text": text,
+                "prediction": prediction,
+                "reference": reference,
+            });
+            if let Some(p) = &pairs {
+                row["text_pair"] = p[k].into();
+            }
+            if !matches!(pred, Predictions::Values(_)) {
+                row["correct"] = (row["prediction"] == row["reference"]).into();
+            }
+            row
+        });
+        super::eval::write_predictions(path, rows)?;
+    }
     let mut line = serde_json::json!({
         "task": "classify",
         "head": head.kind().name(),
@@ -332,6 +361,15 @@ pub fn eval(
         line[name] = value.into();
     }
     Ok(line)
+}
+
+/// Item `k` of `pred` as JSON: a class id, a value, or a set of class ids.
+fn predicted_item(pred: &Predictions, k: usize) -> Value {
+    match pred {
+        Predictions::Classes(c) => c[k].into(),
+        Predictions::Values(v) => f64::from(v[k]).into(),
+        Predictions::Sets(s) => s[k].clone().into(),
+    }
 }
 
 #[cfg(test)]

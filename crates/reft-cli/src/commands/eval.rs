@@ -1,11 +1,16 @@
 //! `reft eval`: score a model, with or without adapters, on labelled data; one JSON line of
 //! metrics on stdout.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use reft::data::DEFAULT_TEMPLATE;
 use reft::eval::{evaluate_choice, read_choice_items, ChoiceFields, ChoiceFormat};
+use serde_json::{json, Value};
 
-use super::{AdapterArgs, ModelArgs};
+use super::{AdapterArgs, ModelArgs, TemplateArgs};
 
 /// Arguments of `reft eval`.
 #[derive(clap::Args, Debug)]
@@ -26,9 +31,15 @@ pub struct Args {
     /// for regression; subset_accuracy, micro_f1, macro_f1 for multi-label).
     #[arg(long, default_value = "choice")]
     task: String,
-    /// How questions are shown: `raw` (`Question: …\nAnswer:`) or `chat` (the chat template).
-    #[arg(long, default_value = "raw")]
-    template: String,
+    /// How questions are shown (`--template`, `--chat`, `--raw`): `raw` is `Question: …\nAnswer:`
+    /// for choice and the bare prompt for generate; `chat` the chat template; `alpaca` the Alpaca
+    /// prompt. Default: the adapter's own template, else chat, as in `reft train`.
+    #[command(flatten)]
+    template: TemplateArgs,
+    /// Write each item's prediction beside its reference to this JSONL file (`index`, the
+    /// input, `prediction`, `reference`, `correct`).
+    #[arg(long)]
+    predictions: Option<PathBuf>,
     /// Question field.
     #[arg(long, default_value = "question")]
     question_field: String,
@@ -81,6 +92,7 @@ pub fn run(a: Args) -> Result<()> {
             &a.data,
             (&a.text_field, a.text_pair_field.as_deref(), &a.label_field),
             (a.offset, a.limit),
+            a.predictions.as_deref(),
         )?;
         println!("{line}");
         return Ok(());
@@ -91,11 +103,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.task != "choice" {
         bail!("unknown --task `{}` (choice, generate, classify)", a.task);
     }
-    let format = match a.template.as_str() {
-        "raw" => ChoiceFormat::Raw,
-        "chat" => ChoiceFormat::Chat,
-        other => bail!("unknown --template `{other}` (raw, chat)"),
-    };
     let fields = ChoiceFields {
         question: a.question_field.clone(),
         choices: a.choices_field.clone(),
@@ -106,11 +113,28 @@ pub fn run(a: Args) -> Result<()> {
     let items = window(items, &a)?;
     let lm = a.model.load()?;
     let mut adapters = a.adapters.load(&lm)?;
+    let format = ChoiceFormat::from(a.template.resolve(&adapters, DEFAULT_TEMPLATE)?);
     let bar = items_bar(items.len());
     let report = evaluate_choice(&lm, &items, format, &mut adapters, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
+    if let Some(path) = &a.predictions {
+        let rows = items
+            .iter()
+            .zip(&report.predictions)
+            .enumerate()
+            .map(|(k, (it, &p))| {
+                json!({
+                    "index": a.offset + k,
+                    "question": it.question,
+                    "prediction": it.choices[p],
+                    "reference": it.choices[it.answer],
+                    "correct": p == it.answer,
+                })
+            });
+        write_predictions(path, rows)?;
+    }
     let mut line = serde_json::to_value(&report)?;
     line["task"] = "choice".into();
     println!("{line}");
@@ -118,27 +142,39 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_generate(a: Args) -> Result<()> {
-    let chat = match a.template.as_str() {
-        "raw" => false,
-        "chat" => true,
-        other => bail!("unknown --template `{other}` (raw, chat)"),
-    };
     let items = reft::eval::read_generate_items(&a.data, &a.prompt_field, &a.answer_text_field)
         .with_context(|| format!("reading {}", a.data.display()))?;
     let items = window(items, &a)?;
     let lm = a.model.load()?;
     let mut adapters = a.adapters.load(&lm)?;
+    let template = a.template.resolve(&adapters, DEFAULT_TEMPLATE)?;
     let bar = items_bar(items.len());
-    let (report, _) = reft::eval::evaluate_generate(
+    let (report, answers) = reft::eval::evaluate_generate(
         &lm,
         &items,
-        chat,
+        template,
         a.max_new_tokens,
         8,
         &mut adapters,
         &mut |done, _| bar.set_position(done as u64),
     )?;
     bar.finish_and_clear();
+    if let Some(path) = &a.predictions {
+        let rows = items
+            .iter()
+            .zip(&answers)
+            .enumerate()
+            .map(|(k, (it, answer))| {
+                json!({
+                    "index": a.offset + k,
+                    "prompt": it.prompt,
+                    "prediction": answer,
+                    "reference": it.answers,
+                    "correct": reft::eval::metrics::exact_match_any(answer, &it.answers),
+                })
+            });
+        write_predictions(path, rows)?;
+    }
     let mut line = serde_json::to_value(&report)?;
     line["task"] = "generate".into();
     println!("{line}");
@@ -166,4 +202,15 @@ fn items_bar(n: usize) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Writes one JSON object per line to `path`.
+pub fn write_predictions(path: &Path, rows: impl Iterator<Item = Value>) -> Result<()> {
+    let context = || format!("cannot write predictions to {}", path.display());
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).with_context(context)?);
+    for row in rows {
+        writeln!(w, "{row}").with_context(context)?;
+    }
+    w.flush().with_context(context)?;
+    Ok(())
 }

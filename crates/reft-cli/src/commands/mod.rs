@@ -82,6 +82,71 @@ impl ModelArgs {
     }
 }
 
+/// How prompts are rendered, for the commands that run an adapter on prompts (`generate`,
+/// `chat`, `eval`): a flag says, else the template the adapters were trained with (recorded in
+/// their `reft_config.json`), else the command's own fallback.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplateArgs {
+    /// Prompt template: raw, chat, alpaca [default: the adapter's own, else the command's
+    /// default named in its --help].
+    #[arg(long, conflicts_with_all = ["chat", "raw"])]
+    pub template: Option<String>,
+    /// Shorthand for --template chat: the model's chat template with the generation prompt.
+    #[arg(long, conflicts_with = "raw")]
+    pub chat: bool,
+    /// Shorthand for --template raw: the prompt exactly as given.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+impl TemplateArgs {
+    /// The template to use with `adapters`; `fallback` where neither a flag nor an adapter says.
+    pub fn resolve(
+        &self,
+        adapters: &reft::adapter::AdapterSet,
+        fallback: reft::data::Template,
+    ) -> Result<reft::data::Template> {
+        if let Some(t) = &self.template {
+            return Ok(t.parse()?);
+        }
+        if self.chat {
+            return Ok(reft::data::Template::Chat);
+        }
+        if self.raw {
+            return Ok(reft::data::Template::Raw);
+        }
+        let recorded: Vec<&str> = adapters
+            .adapters
+            .iter()
+            .filter_map(|a| a.config().template.as_deref())
+            .collect();
+        match recorded.as_slice() {
+            [] => Ok(fallback),
+            [first, rest @ ..] if rest.iter().all(|t| t == first) => Ok(first.parse()?),
+            _ => bail!(
+                "the adapters were trained with different prompt templates ({}): choose one \
+                 with --template",
+                recorded.join(", ")
+            ),
+        }
+    }
+}
+
+/// `s` on one line: backslashes, newlines and carriage returns written as `\\`, `\n`, `\r`, so
+/// that each answer of a batch is one line of output and the text can be recovered.
+pub fn escape_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
@@ -148,5 +213,16 @@ impl SamplingArgs {
             stop_strings: self.stop.clone(),
             hooks_on_generated: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escaped_lines_keep_one_answer_per_line_and_can_be_read_back() {
+        let text = "a\\nb\nc\r";
+        let line = super::escape_line(text);
+        assert_eq!(line, "a\\\\nb\\nc\\r");
+        assert!(!line.contains('\n'));
     }
 }

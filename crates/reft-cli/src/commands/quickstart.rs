@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use reft::generate::{generate, GenerationConfig};
+use reft::generate::{generate, FinishReason, GenerationConfig};
 use reft::model::NoHooks;
 use reft::quickstart;
 use reft::template::Message;
@@ -21,9 +21,13 @@ pub struct Args {
     /// Where the adapter, metrics and loss curve go.
     #[arg(long, default_value = "reft-quickstart")]
     out: PathBuf,
-    /// Epochs (pyreft's quickstart: 100).
-    #[arg(long, default_value_t = 100)]
-    epochs: usize,
+    /// Epochs [default: 25, or 100 with --pyreft-recipe].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// pyreft's quickstart as published: the last prompt token only, 100 epochs (default: the
+    /// first and last prompt tokens, 25 epochs, chosen by measurement; README "Quickstart").
+    #[arg(long)]
+    pyreft_recipe: bool,
     /// Seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -31,6 +35,12 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let t0 = std::time::Instant::now();
+    let recipe = if a.pyreft_recipe {
+        quickstart::PYREFT_RECIPE
+    } else {
+        quickstart::RECIPE
+    };
+    let epochs = a.epochs.unwrap_or(recipe.epochs);
     let lm = a.model.load()?;
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("quickstart_emoji.jsonl"), quickstart::DATA)?;
@@ -39,9 +49,9 @@ pub fn run(a: Args) -> Result<()> {
     super::train::claim_out_dir(&a.out, true)?;
     let plan = Plan {
         model: a.model.model.clone(),
-        spec: quickstart::adapter_spec(),
+        spec: quickstart::adapter_spec_at(recipe.positions),
         init: None,
-        train_cfg: quickstart::train_config(a.epochs, a.seed),
+        train_cfg: quickstart::train_config(epochs, a.seed),
         template: quickstart::TEMPLATE,
         out: a.out.clone(),
         seed: a.seed,
@@ -82,19 +92,26 @@ pub fn run(a: Args) -> Result<()> {
         &mut adapter,
         &mut |_, _| {},
     )?;
-    let mut emoji_only = 0;
     for ((q, p), s) in held_out.iter().zip(&plain).zip(&steered) {
-        let ok = !s.text.chars().any(char::is_alphabetic) && !s.text.trim().is_empty();
-        emoji_only += usize::from(ok);
         println!(
             "Q: {q}\n  base:    {}\n  adapter: {}",
             one_line(&p.text),
             one_line(&s.text)
         );
     }
+    let emoji_only = steered
+        .iter()
+        .filter(|s| quickstart::is_emoji_only(&s.text))
+        .count();
+    let ended = steered
+        .iter()
+        .filter(|s| s.finish != FinishReason::Length)
+        .count();
+    let n = held_out.len();
     println!(
-        "{emoji_only}/{} answers with the adapter have no letters",
-        held_out.len()
+        "{emoji_only}/{n} answers with the adapter have no letters; \
+         {ended}/{n} ended before the {}-token limit",
+        cfg.max_new_tokens
     );
     println!(
         "adapter, metrics.jsonl and loss.png are in {}",

@@ -326,7 +326,10 @@ fn plan(a: &Args) -> Result<Plan> {
         checkpoint_every: a.save_every,
         eval_samples: a.eval_samples.unwrap_or(0),
     };
-    let template: Template = a.template.as_deref().unwrap_or("chat").parse()?;
+    let template: Template = match a.template.as_deref() {
+        Some(t) => t.parse()?,
+        None => reft::data::DEFAULT_TEMPLATE,
+    };
     let out = a.out.clone().context("--out DIR is required")?;
     Ok(Plan {
         model: a.model.model.clone(),
@@ -479,7 +482,7 @@ pub fn train_adapter(
     resume: Option<&Path>,
 ) -> Result<Adapter> {
     let d = lm.decoder.config().hidden_size;
-    let template = Some(format!("{:?}", p.template).to_lowercase());
+    let template = Some(p.template.name().to_string());
     let (init_from, adapter) = match p.init.take() {
         Some((dir, mut adapter)) => {
             let c = adapter.config_mut();
@@ -682,7 +685,7 @@ fn settings_line(p: &Plan, c: &AdapterConfig, n_train: usize, n_eval: usize) -> 
         t.optim.lr,
         t.batch_size,
         if t.grad_accum > 1 { format!(" x {} accumulated", t.grad_accum) } else { String::new() },
-        format!("{:?}", p.template).to_lowercase(),
+        p.template.name(),
     )
 }
 

@@ -24,6 +24,28 @@ pub enum Template {
     Alpaca,
 }
 
+/// The template `reft train` uses unless told otherwise, and the one `eval`, `generate` and
+/// `chat` fall back on when neither a flag nor the adapter (which records its own) says.
+/// SmolLM2 and the other models pyreft users train are instruction-tuned chat models.
+pub const DEFAULT_TEMPLATE: Template = Template::Chat;
+
+impl Template {
+    /// The name on the command line and in `reft_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Template::Raw => "raw",
+            Template::Chat => "chat",
+            Template::Alpaca => "alpaca",
+        }
+    }
+}
+
+impl std::fmt::Display for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Template {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -341,6 +363,31 @@ pub fn prompt_text(lm: &LanguageModel, r: &Record, template: Template) -> Result
     })
 }
 
+/// The token ids of a rendered prompt: raw and Alpaca prompts get the tokenizer's own special
+/// tokens (BOS where it adds one), as `tokenizer(prompt)` does in pyreft; the chat template
+/// writes its own.
+pub fn encode_prompt(lm: &LanguageModel, text: &str, template: Template) -> Result<Vec<u32>> {
+    match template {
+        Template::Chat => lm.tokenizer.encode(text),
+        _ => lm.tokenizer.encode_with_special_tokens(text),
+    }
+}
+
+/// The prompt ids of a conversation that ends with the user's turn, in `template`: what
+/// training saw before the response, so an adapter's positions land where they were learnt.
+pub fn prompt_ids(
+    lm: &LanguageModel,
+    messages: &[Message],
+    template: Template,
+) -> Result<Vec<u32>> {
+    let record = Record {
+        messages: messages.to_vec(),
+        input: None,
+        response: String::new(),
+    };
+    encode_prompt(lm, &prompt_text(lm, &record, template)?, template)
+}
+
 /// Tokenises records; returns the examples and how many were truncated.
 pub fn tokenize(
     lm: &LanguageModel,
@@ -351,12 +398,7 @@ pub fn tokenize(
     let mut truncated = 0;
     for r in records {
         let text = prompt_text(lm, r, opts.template)?;
-        let mut prompt_ids = match opts.template {
-            // Raw/Alpaca prompts get the tokenizer's own special tokens (BOS where it adds one),
-            // as `tokenizer(prompt)` does in pyreft; the chat template writes its own.
-            Template::Chat => lm.tokenizer.encode(&text)?,
-            _ => lm.tokenizer.encode_with_special_tokens(&text)?,
-        };
+        let mut prompt_ids = encode_prompt(lm, &text, opts.template)?;
         let mut response_ids = lm.tokenizer.encode(&r.response)?;
         if opts.add_eos {
             if let Some(&eos) = lm.tokenizer.eos_ids.first() {

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{Tensor, D};
 use serde_json::Value;
 
-use crate::data::read_rows;
+use crate::data::{alpaca_prompt, encode_prompt, read_rows, Template};
 use crate::load::LanguageModel;
 use crate::model::llama::ForwardInput;
 use crate::model::{Hooks, KvCache, PromptLayout};
@@ -58,6 +58,21 @@ pub enum ChoiceFormat {
     Raw,
     /// The model's chat template with the question as the user turn; the option is the reply.
     Chat,
+    /// The Stanford Alpaca prompt with the question as the instruction; the option is the
+    /// response.
+    Alpaca,
+}
+
+impl From<Template> for ChoiceFormat {
+    /// How an adapter trained with `template` is asked a question: the raw template becomes
+    /// lm-evaluation-harness's `Question: …\nAnswer:` (a bare question has no cue to answer).
+    fn from(template: Template) -> Self {
+        match template {
+            Template::Raw => ChoiceFormat::Raw,
+            Template::Chat => ChoiceFormat::Chat,
+            Template::Alpaca => ChoiceFormat::Alpaca,
+        }
+    }
 }
 
 /// Reads multiple-choice items from any data file `read_rows` reads.
@@ -134,6 +149,10 @@ pub struct ChoiceReport {
     pub accuracy: f64,
     /// Accuracy with summed log-likelihoods.
     pub accuracy_unnormalized: f64,
+    /// Each item's chosen option (by normalised log-likelihood), in order; not part of the
+    /// metrics line.
+    #[serde(skip)]
+    pub predictions: Vec<usize>,
 }
 
 /// Summed log-likelihood of each option of `item` (in order).
@@ -152,11 +171,13 @@ pub fn option_log_likelihoods(
                 .render(&[Message::new("user", item.question.clone())], true)?,
             "",
         ),
+        ChoiceFormat::Alpaca => (alpaca_prompt(&item.question, None), ""),
     };
-    let prompt_ids = match format {
-        ChoiceFormat::Raw => lm.tokenizer.encode_with_special_tokens(&prompt)?,
-        ChoiceFormat::Chat => lm.tokenizer.encode(&prompt)?,
+    let template = match format {
+        ChoiceFormat::Chat => Template::Chat,
+        _ => Template::Raw,
     };
+    let prompt_ids = encode_prompt(lm, &prompt, template)?;
     let options: Vec<Vec<u32>> = item
         .choices
         .iter()
@@ -248,6 +269,7 @@ pub fn evaluate_choice(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ChoiceReport> {
     let (mut norm, mut raw) = (0usize, 0usize);
+    let mut predictions = Vec::with_capacity(items.len());
     let argmax = |v: &[f64]| -> usize {
         (0..v.len())
             .max_by(|&a, &b| v[a].total_cmp(&v[b]))
@@ -261,6 +283,7 @@ pub fn evaluate_choice(
             .zip(&item.choices)
             .map(|(l, c)| l / (c.len() + sep).max(1) as f64)
             .collect();
+        predictions.push(argmax(&per_byte));
         norm += usize::from(argmax(&per_byte) == item.answer);
         raw += usize::from(argmax(&ll) == item.answer);
         progress(k + 1, items.len());
@@ -270,5 +293,6 @@ pub fn evaluate_choice(
         n,
         accuracy: norm as f64 / n.max(1) as f64,
         accuracy_unnormalized: raw as f64 / n.max(1) as f64,
+        predictions,
     })
 }

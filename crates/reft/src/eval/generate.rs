@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::metrics::exact_match_any;
-use crate::data::read_rows;
+use crate::data::{prompt_ids, read_rows, Template};
 use crate::generate::{generate, GenerationConfig};
 use crate::load::LanguageModel;
 use crate::model::Hooks;
@@ -70,12 +70,12 @@ pub struct GenerateReport {
     pub exact_match: f64,
 }
 
-/// Answers every item greedily (`chat`: through the chat template) in batches of `batch`, and
+/// Answers every item greedily (its prompt rendered with `template`) in batches of `batch`, and
 /// scores them; `progress(done, total)` after each batch. Returns the report and the answers.
 pub fn evaluate_generate(
     lm: &LanguageModel,
     items: &[GenerateItem],
-    chat: bool,
+    template: Template,
     max_new_tokens: usize,
     batch: usize,
     hooks: &mut dyn Hooks,
@@ -92,16 +92,7 @@ pub fn evaluate_generate(
     for chunk in items.chunks(batch.max(1)) {
         let prompts = chunk
             .iter()
-            .map(|it| {
-                if chat {
-                    let text = lm
-                        .chat_template
-                        .render(&[Message::new("user", it.prompt.clone())], true)?;
-                    lm.tokenizer.encode(&text)
-                } else {
-                    lm.tokenizer.encode_with_special_tokens(&it.prompt)
-                }
-            })
+            .map(|it| prompt_ids(lm, &[Message::new("user", it.prompt.clone())], template))
             .collect::<Result<Vec<_>>>()?;
         let out = generate(
             &lm.decoder,

@@ -184,8 +184,16 @@ fn generate_items_are_scored_by_normalised_exact_match() {
     .unwrap();
     let items = read_generate_items(&path, "prompt", "answer").unwrap();
     assert_eq!(items[0].answers.len(), 2);
-    let (report, answers) =
-        evaluate_generate(lm, &items, true, 24, 8, &mut NoHooks, &mut |_, _| {}).unwrap();
+    let (report, answers) = evaluate_generate(
+        lm,
+        &items,
+        reft::data::Template::Chat,
+        24,
+        8,
+        &mut NoHooks,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(answers[0], "The capital of France is Paris.");
     assert_eq!(report.n, 2);
     assert_eq!(report.exact_match, 0.5, "{answers:?}");
