@@ -1126,4 +1126,39 @@ fn gpt2_folder_generates_trains_and_evaluates() {
         report.accuracy,
         "{line}"
     );
+
+    // A model whose first answer token ends the sequence prints an empty line and says why on
+    // stderr: make the greedy first token of "the cat sat" an end-of-sequence id.
+    let first = {
+        let cfg = GenerationConfig {
+            max_new_tokens: 1,
+            ..Default::default()
+        };
+        let ids = lm.tokenizer.encode(prompt).unwrap();
+        generate(
+            &lm.decoder,
+            &lm.tokenizer,
+            &[ids],
+            &cfg,
+            &mut NoHooks,
+            &mut |_, _| {},
+        )
+        .unwrap()[0]
+            .ids[0]
+    };
+    let gen_cfg = folder.path().join("generation_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_cfg).unwrap()).unwrap();
+    json["eos_token_id"] = serde_json::json!([json["eos_token_id"], first]);
+    std::fs::write(&gen_cfg, json.to_string()).unwrap();
+    let g = reft_ok(&["generate", "--model", model, "--prompt", prompt]);
+    assert_eq!(String::from_utf8_lossy(&g.stdout), "\n");
+    let err = String::from_utf8_lossy(&g.stderr);
+    assert!(
+        err.contains(
+            "the model ended its answer at once (its first token was end of sequence); the output \
+             is empty (template raw)"
+        ),
+        "{err}"
+    );
 }
