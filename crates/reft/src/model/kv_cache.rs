@@ -96,4 +96,66 @@ impl KvCache {
         }
         Ok((k, v))
     }
+
+    /// Rows `rows` of the batch, in that order (sequences that leave a running batch are
+    /// dropped this way).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let dev = match self.layers.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => return Ok(()),
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &dev,
+        )?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `n` empty (zero) positions before every sequence, for a batch that joins one with a
+    /// longer past; the attention mask must mark them as padding.
+    pub fn pad_left(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let (b, h, _, d) = k.dims4()?;
+            let zeros = Tensor::zeros((b, h, n, d), k.dtype(), k.device())?;
+            *k = Tensor::cat(&[&zeros, &*k], 2)?;
+            *v = Tensor::cat(&[&zeros, &*v], 2)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` positions of every sequence (padding no sequence needs any more).
+    pub fn drop_leading(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let t = k.dim(2)?;
+            *k = k.narrow(2, n, t - n)?.contiguous()?;
+            *v = v.narrow(2, n, t - n)?.contiguous()?;
+        }
+        Ok(())
+    }
+
+    /// Appends the sequences of `other` (same length, same layers run) after this batch's.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if self.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            if let (Some((k, v)), Some((ok, ov))) = (mine.as_mut(), theirs) {
+                *k = Tensor::cat(&[&*k, &ok], 0)?;
+                *v = Tensor::cat(&[&*v, &ov], 0)?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -5,6 +5,7 @@ mod common;
 
 mod adapters;
 mod classify;
+mod continuous_batching;
 mod data_columnar;
 mod eval_choice;
 mod fused_layers;

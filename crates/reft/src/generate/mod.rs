@@ -6,10 +6,13 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::model::llama::ForwardInput;
-use crate::model::{Decoder, Hooks, KvCache, NoHooks, PromptLayout};
+use crate::model::{Decoder, Hooks};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+
+mod batch;
+
+pub use batch::{DecodeBatch, Event, Request};
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,111 +198,34 @@ pub fn generate(
             "cannot generate from an empty prompt".into(),
         ));
     }
-    let device = model.device();
-    let layout = PaddingLayout::left(prompts);
-    // With learned positions the context is a hard limit: stop there (finish reason Length).
-    let max_new_tokens = match model.context_limit() {
-        Some(n) if layout.width >= n => {
-            return Err(Error::InvalidArgument(format!(
-                "a prompt of {} tokens leaves no room in the model's context of {n} positions",
-                layout.width
-            )))
-        }
-        Some(n) => cfg.max_new_tokens.min(n - layout.width),
-        None => cfg.max_new_tokens,
-    };
-    let pad_id = tokenizer
-        .pad_id
-        .or(tokenizer.eos_ids.first().copied())
-        .unwrap_or(0);
-    let b = prompts.len();
-    let mut mask: Vec<Vec<u32>> = Vec::with_capacity(b);
-    let mut rows: Vec<u32> = Vec::with_capacity(b * layout.width);
-    let mut positions: Vec<Vec<u32>> = Vec::with_capacity(b);
-    for (p, &pad) in prompts.iter().zip(&layout.left_pad) {
-        rows.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        mask.push((0..layout.width).map(|j| u32::from(j >= pad)).collect());
-        positions.push(
-            (0..layout.width)
-                .map(|j| j.saturating_sub(pad) as u32)
-                .collect(),
-        );
-    }
-    let any_pad = layout.left_pad.iter().any(|&p| p > 0);
-    hooks.prepare(&PromptLayout {
-        prompt_lens: prompts.iter().map(Vec::len).collect(),
-        left_pad: layout.left_pad.clone(),
-    })?;
-    let ids = Tensor::from_vec(rows, (b, layout.width), device)?;
-    let mut cache = KvCache::new(model.config().num_layers);
-    let input = ForwardInput {
-        input_ids: &ids,
-        attention_mask: any_pad.then_some(mask.as_slice()),
-        position_ids: any_pad.then_some(positions.as_slice()),
-        start: None,
-    };
-    let hidden = model.forward(&input, hooks, Some(&mut cache))?;
-    let mut logits = last_logits(model, &hidden)?;
-
-    let mut sampler = Sampler::new(cfg);
-    let mut seqs: Vec<SeqState> = (0..b)
-        .map(|_| SeqState {
-            ids: Vec::new(),
-            emitted: 0,
-            text: String::new(),
-            finish: None,
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            tag: i as u64,
+            prompt: p.clone(),
+            cfg: cfg.clone(),
         })
         .collect();
-    let mut seen: Vec<Vec<u32>> = prompts.to_vec();
-    for step in 0..max_new_tokens {
-        let mut next = vec![pad_id; b];
-        for i in 0..b {
-            if seqs[i].finish.is_some() {
-                continue;
-            }
-            let tok = sampler.pick(&mut logits[i], &seen[i]);
-            seen[i].push(tok);
-            next[i] = tok;
-            advance(&mut seqs[i], tok, tokenizer, cfg, i, on_text)?;
-            if seqs[i].finish.is_none() && step + 1 == max_new_tokens {
-                seqs[i].finish = Some(FinishReason::Length);
-                drop_partial_char(&mut seqs[i]);
-                flush(&mut seqs[i], i, on_text);
-            }
-        }
-        if seqs.iter().all(|s| s.finish.is_some()) {
-            break;
-        }
-        for m in mask.iter_mut() {
-            m.push(1);
-        }
-        let past = cache.len();
-        let pos: Vec<Vec<u32>> = layout
-            .left_pad
-            .iter()
-            .map(|&pad| vec![(past - pad) as u32])
-            .collect();
-        let ids = Tensor::from_vec(next, (b, 1), device)?;
-        let input = ForwardInput {
-            input_ids: &ids,
-            attention_mask: any_pad.then_some(mask.as_slice()),
-            position_ids: any_pad.then_some(pos.as_slice()),
-            start: None,
-        };
-        let hidden = if cfg.hooks_on_generated {
-            model.forward(&input, hooks, Some(&mut cache))?
-        } else {
-            model.forward(&input, &mut NoHooks, Some(&mut cache))?
-        };
-        logits = last_logits(model, &hidden)?;
+    let mut batch = DecodeBatch::prefill(model, tokenizer, requests, hooks)?;
+    if cfg.hooks_on_generated {
+        batch = batch.with_fixed_rows();
     }
-    Ok(seqs
+    let mut done: Vec<Option<Generation>> = vec![None; prompts.len()];
+    while !batch.is_empty() {
+        let decode_hooks: Option<&mut dyn Hooks> = if cfg.hooks_on_generated {
+            Some(&mut *hooks)
+        } else {
+            None
+        };
+        batch.step(model, tokenizer, decode_hooks, &mut |event| match event {
+            Event::Text { tag, text } => on_text(tag as usize, &text),
+            Event::Done { tag, generation } => done[tag as usize] = Some(generation),
+        })?;
+    }
+    Ok(done
         .into_iter()
-        .map(|s| Generation {
-            ids: s.ids,
-            text: s.text,
-            finish: s.finish.unwrap_or(FinishReason::Length),
-        })
+        .map(|g| g.expect("every sequence ends with a Done event"))
         .collect())
 }
 
