@@ -13,6 +13,7 @@
 
 pub mod adapter;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -146,3 +146,135 @@ fn a_cancelled_sequence_leaves_and_the_others_are_unchanged() {
     }
     assert_eq!(done, vec![(1, want)]);
 }
+
+/// The engine: 12 requests spread over the base model and three adapters, submitted from four
+/// threads at once, each get the tokens `generate` gives them alone, streamed text included.
+#[test]
+fn engine_serves_mixed_adapters_in_one_batch_exactly() {
+    use reft::engine::{Engine, EngineLimits, Submission, Update};
+    let lm = crate::common::smollm2_shared();
+    let specs = [
+        LOREFT,
+        r#"{"interventions": [{"kind": "loreft", "layers": 15, "component": "block_output", "rank": 4, "positions": "l1"}]}"#,
+        r#"{"interventions": [{"kind": "direft", "layers": "5;25", "component": "block_output", "rank": 2, "positions": "f2+l2"}]}"#,
+    ];
+    let make = |k: usize| adapter_from_spec(&lm.decoder, specs[k], 11 + k as u64, DType::F32);
+    let names = ["a", "b", "c"];
+    let registry = (0..3).map(|k| (names[k].to_string(), make(k))).collect();
+    let engine =
+        Engine::start(std::sync::Arc::clone(lm), registry, EngineLimits::default()).unwrap();
+    let request = |i: usize| {
+        let prompt = chat_ids(lm, &format!("Write a short story about the number {i}."));
+        let adapters = match i % 4 {
+            0 => Vec::new(),
+            k => vec![names[k - 1].to_string()],
+        };
+        (prompt, adapters, config(8 + i))
+    };
+    let mut want = Vec::new();
+    for i in 0..12 {
+        let (prompt, adapters, cfg) = request(i);
+        let mut own = adapters.first().map(|_| make(i % 4 - 1));
+        let hooks: &mut dyn Hooks = match own.as_mut() {
+            Some(a) => a,
+            None => &mut NoHooks,
+        };
+        want.push(alone(&prompt, &cfg, hooks));
+    }
+    let engine = &engine;
+    let got: Vec<(usize, Vec<u32>, String, String)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                s.spawn(move || {
+                    let receivers: Vec<_> = (w..12)
+                        .step_by(4)
+                        .map(|i| {
+                            let (prompt, adapters, cfg) = request(i);
+                            let sub = Submission {
+                                prompt,
+                                cfg,
+                                adapters,
+                            };
+                            (i, engine.submit(sub).unwrap())
+                        })
+                        .collect();
+                    receivers
+                        .into_iter()
+                        .map(|(i, rx)| {
+                            let mut streamed = String::new();
+                            loop {
+                                match rx.recv().unwrap() {
+                                    Update::Text(t) => streamed.push_str(&t),
+                                    Update::Done(g) => return (i, g.ids, g.text, streamed),
+                                    Update::Failed(e) => panic!("request {i} failed: {e}"),
+                                }
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(got.len(), 12);
+    for (i, ids, text, streamed) in got {
+        assert_eq!(ids, want[i], "request {i} (adapter {:?})", request(i).1);
+        assert_eq!(streamed, text, "request {i}");
+    }
+    assert_eq!(
+        engine
+            .stats()
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    // An unknown adapter is refused at once; a client that goes away frees its sequence, and
+    // the next request still runs.
+    let unknown = Submission {
+        prompt: request(0).0,
+        cfg: config(4),
+        adapters: vec!["nope".into()],
+    };
+    assert!(engine
+        .submit(unknown)
+        .unwrap_err()
+        .to_string()
+        .contains("nope"));
+    let long = Submission {
+        prompt: request(1).0,
+        cfg: config(200),
+        adapters: vec!["a".into()],
+    };
+    let rx = engine.submit(long).unwrap();
+    assert!(matches!(rx.recv().unwrap(), Update::Text(_)));
+    drop(rx);
+    let (prompt, adapters, cfg) = request(3);
+    let rx = engine
+        .submit(Submission {
+            prompt,
+            cfg,
+            adapters,
+        })
+        .unwrap();
+    let last = loop {
+        if let Update::Done(g) = rx.recv().unwrap() {
+            break g;
+        }
+    };
+    assert_eq!(last.ids, want[3]);
+    // The abandoned request leaves at the first step whose text it cannot take.
+    let s = engine.stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.running.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned sequence still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(s.generated_tokens.load(std::sync::atomic::Ordering::SeqCst) < 12 * 20 + 200);
+}

@@ -123,15 +123,22 @@ pub fn smollm2_path() -> PathBuf {
 /// SmolLM2 loaded once (default options, on the CPU) and shared by every test that only reads
 /// it.
 pub fn smollm2() -> &'static reft::LanguageModel {
-    static MODEL: OnceLock<reft::LanguageModel> = OnceLock::new();
+    smollm2_shared().as_ref()
+}
+
+/// [`smollm2`] as a shared handle, for what keeps the model on another thread (the engine).
+pub fn smollm2_shared() -> &'static std::sync::Arc<reft::LanguageModel> {
+    static MODEL: OnceLock<std::sync::Arc<reft::LanguageModel>> = OnceLock::new();
     MODEL.get_or_init(|| {
-        reft::LanguageModel::load(
-            smollm2_path().to_str().unwrap(),
-            &Device::Cpu,
-            &reft::LoadOptions::default(),
-            &mut |_| {},
+        std::sync::Arc::new(
+            reft::LanguageModel::load(
+                smollm2_path().to_str().unwrap(),
+                &Device::Cpu,
+                &reft::LoadOptions::default(),
+                &mut |_| {},
+            )
+            .unwrap(),
         )
-        .unwrap()
     })
 }
 
