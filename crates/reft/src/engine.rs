@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -74,10 +74,14 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicUsize,
     /// Tokens generated so far.
     pub generated_tokens: AtomicUsize,
+    /// Requests accepted, by the adapters they asked for (`+`-joined; empty for the base).
+    pub requests_by_adapter: Mutex<BTreeMap<String, usize>>,
 }
 
 enum Command {
     Submit(Box<Submission>, Sender<Update>),
+    Load(String, Box<Adapter>, Sender<Result<()>>),
+    Unload(String, Sender<Result<()>>),
     Shutdown,
 }
 
@@ -86,8 +90,10 @@ pub struct Engine {
     tx: Sender<Command>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<EngineStats>,
-    names: Vec<String>,
+    /// Names a submission may ask for (an adapter being unloaded is gone from here at once).
+    names: Arc<Mutex<Vec<String>>>,
     limits: EngineLimits,
+    context_limit: Option<usize>,
 }
 
 impl Engine {
@@ -100,12 +106,7 @@ impl Engine {
         let mut registry = HashMap::new();
         let mut names = Vec::new();
         for (name, adapter) in adapters {
-            if adapter.every_token() {
-                return Err(Error::InvalidArgument(format!(
-                    "adapter `{name}` edits every generated token; the engine serves prompt-only \
-                     adapters, whose requests can share decode steps"
-                )));
-            }
+            check_servable(&name, &adapter)?;
             if registry.insert(name.clone(), adapter).is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "adapter name `{name}` given twice"
@@ -115,7 +116,10 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
+        let names = Arc::new(Mutex::new(names));
+        let context_limit = model.decoder.context_limit();
         let scheduler = Scheduler {
+            unloading: Vec::new(),
             model,
             registry,
             limits,
@@ -134,12 +138,52 @@ impl Engine {
             stats,
             names,
             limits,
+            context_limit,
         })
     }
 
-    /// The registered adapters' names, in registration order.
-    pub fn adapter_names(&self) -> &[String] {
-        &self.names
+    /// The adapters' names, in the order they were registered or loaded.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Registers `adapter` as `name` while the engine runs; an existing name is refused.
+    pub fn load_adapter(&self, name: &str, adapter: Adapter) -> Result<()> {
+        check_servable(name, &adapter)?;
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::Load(name.to_string(), Box::new(adapter), tx))?;
+        let result = rx.recv().unwrap_or_else(|_| Err(stopped()));
+        if result.is_ok() {
+            self.lock_names().push(name.to_string());
+        }
+        result
+    }
+
+    /// Removes adapter `name`: new requests for it are refused at once; it leaves the registry
+    /// (and this call returns) once no queued request still needs it. Requests already decoding
+    /// do not: an adapter acts only while a prompt is prefilled.
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        {
+            let mut names = self.lock_names();
+            let Some(at) = names.iter().position(|n| n == name) else {
+                return Err(Error::InvalidArgument(format!("unknown adapter `{name}`")));
+            };
+            names.remove(at);
+        }
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::Unload(name.to_string(), tx))?;
+        rx.recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    fn lock_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn command(&self, c: Command) -> Result<()> {
+        self.tx.send(c).map_err(|_| stopped())
     }
 
     /// The engine's counters.
@@ -149,13 +193,24 @@ impl Engine {
 
     /// Queues a request; its updates arrive on the returned receiver. Dropping the receiver
     /// cancels the request: the sequence leaves the batch at the first step whose text cannot
-    /// be delivered. Refused when an adapter is unknown or the queue is
-    /// full.
+    /// be delivered. Refused when an adapter is unknown, the prompt does not fit the model's
+    /// context, or the queue is full.
     pub fn submit(&self, s: Submission) -> Result<Receiver<Update>> {
-        if let Some(unknown) = s.adapters.iter().find(|a| !self.names.contains(a)) {
-            return Err(Error::InvalidArgument(format!(
-                "unknown adapter `{unknown}`"
-            )));
+        {
+            let names = self.lock_names();
+            if let Some(unknown) = s.adapters.iter().find(|a| !names.contains(a)) {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown adapter `{unknown}`"
+                )));
+            }
+        }
+        if let Some(n) = self.context_limit {
+            if s.prompt.len() >= n {
+                return Err(Error::InvalidArgument(format!(
+                    "a prompt of {} tokens leaves no room in the model's context of {n} positions",
+                    s.prompt.len()
+                )));
+            }
         }
         if self.stats.queued.load(Ordering::SeqCst) >= self.limits.max_queue {
             return Err(Error::InvalidArgument(format!(
@@ -164,10 +219,15 @@ impl Engine {
             )));
         }
         let (tx, rx) = mpsc::channel();
+        *self
+            .stats
+            .requests_by_adapter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(s.adapters.join("+"))
+            .or_default() += 1;
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        self.tx
-            .send(Command::Submit(Box::new(s), tx))
-            .map_err(|_| Error::InvalidArgument("the engine has stopped".into()))?;
+        self.command(Command::Submit(Box::new(s), tx))?;
         Ok(rx)
     }
 
@@ -199,6 +259,8 @@ struct Scheduler {
     waiting: Vec<(u64, Submission)>,
     clients: BTreeMap<u64, Sender<Update>>,
     next_tag: u64,
+    /// Adapters to remove once no waiting request needs them, with whom to tell.
+    unloading: Vec<(String, Sender<Result<()>>)>,
 }
 
 impl Scheduler {
@@ -237,10 +299,27 @@ impl Scheduler {
                         self.clients.insert(tag, tx);
                         self.waiting.push((tag, *s));
                     }
+                    Command::Load(name, adapter, reply) => {
+                        let result = match self.registry.entry(name) {
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                Err(Error::InvalidArgument(format!(
+                                    "an adapter named `{}` is already loaded",
+                                    e.key()
+                                )))
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(*adapter);
+                                Ok(())
+                            }
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Command::Unload(name, reply) => self.unloading.push((name, reply)),
                     Command::Shutdown => closing = true,
                 }
             }
             self.admit(&mut batch);
+            self.finish_unloads();
             if batch.is_empty() {
                 continue;
             }
@@ -360,6 +439,18 @@ impl Scheduler {
         }
     }
 
+    /// Removes the adapters being unloaded that no waiting request still asks for.
+    fn finish_unloads(&mut self) {
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unloading)
+            .into_iter()
+            .partition(|(name, _)| !self.waiting.iter().any(|(_, s)| s.adapters.contains(name)));
+        self.unloading = still;
+        for (name, reply) in ready {
+            self.registry.remove(&name);
+            let _ = reply.send(Ok(()));
+        }
+    }
+
     fn fail(&mut self, tags: &[u64], why: &str) {
         for t in tags {
             if let Some(tx) = self.clients.remove(t) {
@@ -367,4 +458,19 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Refuses adapters the engine cannot batch: those that edit generated tokens too.
+fn check_servable(name: &str, adapter: &Adapter) -> Result<()> {
+    if adapter.every_token() {
+        return Err(Error::InvalidArgument(format!(
+            "adapter `{name}` edits every generated token; the engine serves prompt-only \
+             adapters, whose requests can share decode steps"
+        )));
+    }
+    Ok(())
+}
+
+fn stopped() -> Error {
+    Error::InvalidArgument("the engine has stopped".into())
 }

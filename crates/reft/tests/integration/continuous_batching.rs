@@ -277,4 +277,41 @@ fn engine_serves_mixed_adapters_in_one_batch_exactly() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(s.generated_tokens.load(std::sync::atomic::Ordering::SeqCst) < 12 * 20 + 200);
+    let by_adapter = s.requests_by_adapter.lock().unwrap().clone();
+    assert_eq!(by_adapter[""], 3, "{by_adapter:?}");
+    assert_eq!(by_adapter["a"], 4, "{by_adapter:?}");
+
+    // Adapters come and go while the engine runs: a loaded one serves exactly what it serves
+    // alone; an unloaded one is refused from then on; a name is loaded once.
+    engine.load_adapter("d", make(1)).unwrap();
+    assert!(engine.load_adapter("d", make(1)).is_err());
+    let (prompt, _, cfg) = request(6);
+    let rx = engine
+        .submit(Submission {
+            prompt,
+            cfg,
+            adapters: vec!["d".into()],
+        })
+        .unwrap();
+    let loaded = loop {
+        if let Update::Done(g) = rx.recv().unwrap() {
+            break g;
+        }
+    };
+    assert_eq!(loaded.ids, want[6], "the runtime-loaded copy of `b`");
+    engine.unload_adapter("b").unwrap();
+    assert_eq!(engine.adapter_names(), vec!["a", "c", "d"]);
+    let (prompt, adapters, cfg) = request(2);
+    let refused = engine
+        .submit(Submission {
+            prompt,
+            cfg,
+            adapters,
+        })
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("unknown adapter `b`"),
+        "{refused}"
+    );
+    assert!(engine.unload_adapter("b").is_err());
 }
