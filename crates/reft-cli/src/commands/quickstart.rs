@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use reft::data::prompt_ids;
 use reft::generate::{generate, FinishReason, GenerationConfig};
 use reft::model::NoHooks;
 use reft::quickstart;
@@ -65,12 +66,8 @@ pub fn run(a: Args) -> Result<()> {
     let held_out = quickstart::held_out();
     let prompts: Vec<Vec<u32>> = held_out
         .iter()
-        .map(|q| {
-            lm.tokenizer
-                .encode(&lm.chat_template.render(&[Message::new("user", *q)], true)?)
-                .map_err(Into::into)
-        })
-        .collect::<Result<_>>()?;
+        .map(|q| prompt_ids(&lm, &[Message::new("user", *q)], quickstart::TEMPLATE))
+        .collect::<reft::Result<_>>()?;
     let cfg = GenerationConfig {
         max_new_tokens: 32,
         stop_ids: lm.tokenizer.eos_ids.clone(),

@@ -246,18 +246,18 @@ impl DecodeBatch {
                 continue;
             }
             let mut text = String::new();
-            let mut sink = |_: usize, t: &str| text.push_str(t);
+            let mut sink = |t: &str| text.push_str(t);
             let mut tok = self.pad_id;
             if row.budget > 0 {
                 tok = row.sampler.pick(&mut row.logits, &row.seen);
                 row.seen.push(tok);
-                advance(&mut row.state, tok, tokenizer, &row.cfg, 0, &mut sink)?;
+                advance(&mut row.state, tok, tokenizer, &row.cfg, &mut sink)?;
                 row.budget -= 1;
             }
             if row.state.finish.is_none() && row.budget == 0 {
                 row.state.finish = Some(FinishReason::Length);
                 drop_partial_char(&mut row.state);
-                flush(&mut row.state, 0, &mut sink);
+                flush(&mut row.state, &mut sink);
             }
             if !text.is_empty() {
                 on_event(Event::Text { tag: row.tag, text });

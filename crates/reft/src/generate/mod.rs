@@ -243,12 +243,11 @@ fn advance(
     tok: u32,
     tokenizer: &Tokenizer,
     cfg: &GenerationConfig,
-    i: usize,
-    on_text: &mut dyn FnMut(usize, &str),
+    on_text: &mut dyn FnMut(&str),
 ) -> Result<()> {
     if cfg.stop_ids.contains(&tok) {
         s.finish = Some(FinishReason::StopId);
-        flush(s, i, on_text);
+        flush(s, on_text);
         return Ok(());
     }
     s.ids.push(tok);
@@ -261,7 +260,7 @@ fn advance(
     {
         s.text.truncate(cut);
         s.finish = Some(FinishReason::StopString);
-        flush(s, i, on_text);
+        flush(s, on_text);
         return Ok(());
     }
     // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
@@ -277,7 +276,7 @@ fn advance(
         }
     }
     if safe > s.emitted && s.text.is_char_boundary(safe) {
-        on_text(i, &s.text[s.emitted..safe]);
+        on_text(&s.text[s.emitted..safe]);
         s.emitted = safe;
     }
     Ok(())
@@ -296,9 +295,9 @@ fn drop_partial_char(s: &mut SeqState) {
 }
 
 /// Streams whatever text is still held back.
-fn flush(s: &mut SeqState, i: usize, on_text: &mut dyn FnMut(usize, &str)) {
+fn flush(s: &mut SeqState, on_text: &mut dyn FnMut(&str)) {
     if s.text.len() > s.emitted {
-        on_text(i, &s.text[s.emitted..]);
+        on_text(&s.text[s.emitted..]);
         s.emitted = s.text.len();
     }
 }
