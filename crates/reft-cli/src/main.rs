@@ -38,6 +38,9 @@ enum Command {
     /// Chat with a model interactively (multi-turn; an empty line or Ctrl-D ends). The
     /// conversation is rendered with the adapter's template, else the model's chat template.
     Chat(commands::chat::Args),
+    /// Serve the model and adapters over HTTP with OpenAI's API (chat and text completions,
+    /// streaming, /v1/models, run-time adapter loading), /metrics, and a chat page at `/`.
+    Serve(Box<commands::serve::Args>),
     /// Print the token ids of a text as a JSON array (no special tokens added).
     Tokenize(commands::tokenize::Args),
     /// Inspect adapters; convert between reft and pyreft folders.
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
+        Command::Serve(a) => commands::serve::run(*a),
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Adapter(c) => commands::adapter::run(c),
     };

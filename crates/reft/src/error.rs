@@ -89,6 +89,10 @@ pub enum Error {
     /// A caller passed invalid arguments (generation options, sites, …).
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// The serving engine refused a request (unknown adapter, full queue, …).
+    #[error(transparent)]
+    Refused(#[from] crate::engine::Refusal),
 }
 
 /// An I/O error in words; a missing file or folder "does not exist".

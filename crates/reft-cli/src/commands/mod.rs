@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod plot;
 pub mod quickstart;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 

@@ -9,17 +9,21 @@
 //! events; everything about scheduling lives here.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::adapter::{Adapter, AdapterSet};
 use crate::generate::{DecodeBatch, Event, Generation, GenerationConfig, Request};
 use crate::load::LanguageModel;
 use crate::model::NoHooks;
 use crate::{Error, Result};
+
+mod stats;
+
+pub use stats::{EngineStats, Histogram, HistogramSnapshot};
 
 /// What a client asks for: prompt ids, settings, and the adapters to apply (by name; none for
 /// the base model).
@@ -41,8 +45,65 @@ pub enum Update {
     Text(String),
     /// The request finished.
     Done(Generation),
-    /// The request could not run (an adapter clash, a bad prompt, a model error).
-    Failed(String),
+    /// The request could not run.
+    Failed(Failure),
+}
+
+/// Why a request could not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong, in words.
+    pub message: String,
+    /// The request itself was at fault (adapters that edit the same positions, …), not the
+    /// engine or the model.
+    pub bad_request: bool,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Where a request's updates go: a channel here, an HTTP response in the server.
+pub trait UpdateSink: Send {
+    /// Delivers `update`; `false` when the client has gone, which cancels the request.
+    fn deliver(&mut self, update: Update) -> bool;
+    /// Whether the client has gone; checked before every step, so that a client that leaves
+    /// while its request waits, or between pieces of text, is noticed at the next step.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl UpdateSink for Sender<Update> {
+    fn deliver(&mut self, update: Update) -> bool {
+        self.send(update).is_ok()
+    }
+}
+
+/// Why a submission was refused before it was queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No adapter of that name is registered (or it is being unloaded).
+    #[error("unknown adapter `{0}`")]
+    UnknownAdapter(String),
+    /// The prompt alone fills the model's context.
+    #[error(
+        "a prompt of {tokens} tokens leaves no room in the model's context of {context} positions"
+    )]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// `max_queue` requests are already waiting.
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    /// The engine no longer runs.
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 /// Limits of the scheduler.
@@ -50,7 +111,7 @@ pub enum Update {
 pub struct EngineLimits {
     /// Sequences decoding at once; more wait in the queue.
     pub max_running: usize,
-    /// Requests waiting; a submission beyond this is refused.
+    /// Requests waiting for a decode slot; a submission beyond this is refused.
     pub max_queue: usize,
 }
 
@@ -63,23 +124,8 @@ impl Default for EngineLimits {
     }
 }
 
-/// Counters the engine keeps for metrics and health.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Requests waiting to be prefilled.
-    pub queued: AtomicUsize,
-    /// Sequences decoding.
-    pub running: AtomicUsize,
-    /// Prompt tokens prefilled so far.
-    pub prompt_tokens: AtomicUsize,
-    /// Tokens generated so far.
-    pub generated_tokens: AtomicUsize,
-    /// Requests accepted, by the adapters they asked for (`+`-joined; empty for the base).
-    pub requests_by_adapter: Mutex<BTreeMap<String, usize>>,
-}
-
 enum Command {
-    Submit(Box<Submission>, Sender<Update>),
+    Submit(Box<Submission>, Box<dyn UpdateSink>),
     Load(String, Box<Adapter>, Sender<Result<()>>),
     Unload(String, Sender<Result<()>>),
     Shutdown,
@@ -88,7 +134,7 @@ enum Command {
 /// A running engine; dropping it (or [`Engine::shutdown`]) lets running requests finish first.
 pub struct Engine {
     tx: Sender<Command>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<EngineStats>,
     /// Names a submission may ask for (an adapter being unloaded is gone from here at once).
     names: Arc<Mutex<Vec<String>>>,
@@ -117,7 +163,13 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let names = Arc::new(Mutex::new(names));
-        let context_limit = model.decoder.context_limit();
+        // The context the model was trained for, as vLLM's `max_model_len`: rotary models could
+        // run past it, but their answers there are not worth serving.
+        let context_limit = model
+            .decoder
+            .context_limit()
+            .or(Some(model.decoder.config().max_position_embeddings))
+            .filter(|&n| n > 0);
         let scheduler = Scheduler {
             unloading: Vec::new(),
             model,
@@ -134,7 +186,7 @@ impl Engine {
             .map_err(|e| Error::InvalidArgument(format!("cannot start the scheduler: {e}")))?;
         Ok(Self {
             tx,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             stats,
             names,
             limits,
@@ -169,7 +221,7 @@ impl Engine {
         {
             let mut names = self.lock_names();
             let Some(at) = names.iter().position(|n| n == name) else {
-                return Err(Error::InvalidArgument(format!("unknown adapter `{name}`")));
+                return Err(Refusal::UnknownAdapter(name.to_string()).into());
             };
             names.remove(at);
         }
@@ -193,52 +245,71 @@ impl Engine {
 
     /// Queues a request; its updates arrive on the returned receiver. Dropping the receiver
     /// cancels the request: the sequence leaves the batch at the first step whose text cannot
-    /// be delivered. Refused when an adapter is unknown, the prompt does not fit the model's
-    /// context, or the queue is full.
+    /// be delivered. Refused ([`Refusal`]) when an adapter is unknown, the prompt does not fit
+    /// the model's context, or the queue is full.
     pub fn submit(&self, s: Submission) -> Result<Receiver<Update>> {
+        let (tx, rx) = mpsc::channel();
+        self.submit_to(s, Box::new(tx))?;
+        Ok(rx)
+    }
+
+    /// Queues a request whose updates go to `sink`.
+    pub fn submit_to(&self, s: Submission, sink: Box<dyn UpdateSink>) -> Result<()> {
         {
             let names = self.lock_names();
             if let Some(unknown) = s.adapters.iter().find(|a| !names.contains(a)) {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown adapter `{unknown}`"
-                )));
+                return Err(Refusal::UnknownAdapter(unknown.clone()).into());
             }
         }
-        if let Some(n) = self.context_limit {
-            if s.prompt.len() >= n {
-                return Err(Error::InvalidArgument(format!(
-                    "a prompt of {} tokens leaves no room in the model's context of {n} positions",
-                    s.prompt.len()
-                )));
+        if let Some(context) = self.context_limit {
+            if s.prompt.len() >= context {
+                return Err(Refusal::PromptTooLong {
+                    tokens: s.prompt.len(),
+                    context,
+                }
+                .into());
             }
         }
-        if self.stats.queued.load(Ordering::SeqCst) >= self.limits.max_queue {
-            return Err(Error::InvalidArgument(format!(
-                "the queue is full ({} requests waiting)",
-                self.limits.max_queue
-            )));
+        // Requests about to take a free decode slot do not count against the queue, so that a
+        // burst that fits `max_running` is never refused.
+        let free = self
+            .limits
+            .max_running
+            .saturating_sub(self.stats.running.load(Ordering::SeqCst));
+        if self.stats.queued.load(Ordering::SeqCst) >= self.limits.max_queue + free {
+            return Err(Refusal::QueueFull(self.limits.max_queue).into());
         }
-        let (tx, rx) = mpsc::channel();
+        let key = s.adapters.join("+");
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = self.command(Command::Submit(Box::new(s), sink)) {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
         *self
             .stats
             .requests_by_adapter
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(s.adapters.join("+"))
+            .entry(key)
             .or_default() += 1;
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        self.command(Command::Submit(Box::new(s), tx))?;
-        Ok(rx)
+        Ok(())
+    }
+
+    /// The model's context in positions, where it has one.
+    pub fn context_limit(&self) -> Option<usize> {
+        self.context_limit
     }
 
     /// Stops taking requests, lets the running and queued ones finish, and joins the thread.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Later submissions are refused ([`Refusal::Stopped`]).
+    pub fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
@@ -246,7 +317,29 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
+    }
+}
+
+/// A request's client, with the times its latencies are measured from.
+struct Client {
+    sink: Box<dyn UpdateSink>,
+    submitted: Instant,
+    last_text: Option<Instant>,
+}
+
+impl Client {
+    /// Delivers text, recording time to first token or the gap since the last text.
+    fn text(&mut self, text: String, stats: &EngineStats) -> bool {
+        let now = Instant::now();
+        match self.last_text {
+            None => stats
+                .time_to_first_token
+                .observe((now - self.submitted).as_secs_f64()),
+            Some(t) => stats.inter_token_latency.observe((now - t).as_secs_f64()),
+        }
+        self.last_text = Some(now);
+        self.sink.deliver(Update::Text(text))
     }
 }
 
@@ -257,7 +350,7 @@ struct Scheduler {
     limits: EngineLimits,
     stats: Arc<EngineStats>,
     waiting: Vec<(u64, Submission)>,
-    clients: BTreeMap<u64, Sender<Update>>,
+    clients: BTreeMap<u64, Client>,
     next_tag: u64,
     /// Adapters to remove once no waiting request needs them, with whom to tell.
     unloading: Vec<(String, Sender<Result<()>>)>,
@@ -293,10 +386,15 @@ impl Scheduler {
             commands.extend(rx.try_iter());
             for c in commands {
                 match c {
-                    Command::Submit(s, tx) => {
+                    Command::Submit(s, sink) => {
                         let tag = self.next_tag;
                         self.next_tag += 1;
-                        self.clients.insert(tag, tx);
+                        let client = Client {
+                            sink,
+                            submitted: Instant::now(),
+                            last_text: None,
+                        };
+                        self.clients.insert(tag, client);
                         self.waiting.push((tag, *s));
                     }
                     Command::Load(name, adapter, reply) => {
@@ -318,6 +416,7 @@ impl Scheduler {
                     Command::Shutdown => closing = true,
                 }
             }
+            self.drop_closed(&mut batch);
             self.admit(&mut batch);
             self.finish_unloads();
             if batch.is_empty() {
@@ -352,10 +451,16 @@ impl Scheduler {
                         .prompt_tokens
                         .fetch_add(prompt_tokens, Ordering::SeqCst);
                     if let Err(e) = batch.merge(joining) {
-                        self.fail(&tags, &e.to_string());
+                        self.fail(&tags, &e);
                     }
                 }
-                Err(e) => self.fail(&tags, &e.to_string()),
+                Err(e) => {
+                    let e = match names.len() {
+                        0 | 1 => e,
+                        _ => Error::InvalidArgument(format!("adapters {}: {e}", names.join(" + "))),
+                    };
+                    self.fail(&tags, &e)
+                }
             }
         }
         self.stats.running.store(batch.len(), Ordering::SeqCst);
@@ -406,11 +511,11 @@ impl Scheduler {
         let lm = Arc::clone(&self.model);
         let mut gone = Vec::new();
         let mut finished = Vec::new();
-        let clients = &self.clients;
+        let (clients, stats) = (&mut self.clients, &self.stats);
         let result = batch.step(&lm.decoder, &lm.tokenizer, None, &mut |e| match e {
             Event::Text { tag, text } => {
-                if let Some(tx) = clients.get(&tag) {
-                    if tx.send(Update::Text(text)).is_err() {
+                if let Some(c) = clients.get_mut(&tag) {
+                    if !c.text(text, stats) {
                         gone.push(tag);
                     }
                 }
@@ -420,21 +525,16 @@ impl Scheduler {
         if let Err(e) = result {
             let tags = batch.tags();
             let _ = batch.cancel(&tags);
-            self.fail(&tags, &e.to_string());
+            self.fail(&tags, &e);
         }
-        if !gone.is_empty() {
-            let _ = batch.cancel(&gone);
-            for t in &gone {
-                self.clients.remove(t);
-            }
-        }
+        self.cancel(batch, &gone);
         self.stats.running.store(batch.len(), Ordering::SeqCst);
         for (tag, generation) in finished {
             self.stats
                 .generated_tokens
                 .fetch_add(generation.ids.len(), Ordering::SeqCst);
-            if let Some(tx) = self.clients.remove(&tag) {
-                let _ = tx.send(Update::Done(generation));
+            if let Some(mut c) = self.clients.remove(&tag) {
+                c.sink.deliver(Update::Done(generation));
             }
         }
     }
@@ -451,10 +551,44 @@ impl Scheduler {
         }
     }
 
-    fn fail(&mut self, tags: &[u64], why: &str) {
+    /// Cancels the requests whose clients have gone, waiting or decoding.
+    fn drop_closed(&mut self, batch: &mut DecodeBatch) {
+        let closed: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.sink.is_closed())
+            .map(|(t, _)| *t)
+            .collect();
+        self.cancel(batch, &closed);
+    }
+
+    /// Removes `tags` from the queue and the batch and forgets their clients.
+    fn cancel(&mut self, batch: &mut DecodeBatch, tags: &[u64]) {
+        if tags.is_empty() {
+            return;
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|(t, _)| !tags.contains(t));
+        self.stats
+            .queued
+            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        let _ = batch.cancel(tags);
         for t in tags {
-            if let Some(tx) = self.clients.remove(t) {
-                let _ = tx.send(Update::Failed(why.to_string()));
+            if self.clients.remove(t).is_some() {
+                self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.stats.running.store(batch.len(), Ordering::SeqCst);
+    }
+
+    fn fail(&mut self, tags: &[u64], why: &Error) {
+        let failure = Failure {
+            message: why.to_string(),
+            bad_request: matches!(why, Error::InvalidArgument(_) | Error::Refused(_)),
+        };
+        for t in tags {
+            if let Some(mut c) = self.clients.remove(t) {
+                c.sink.deliver(Update::Failed(failure.clone()));
             }
         }
     }
@@ -472,5 +606,5 @@ fn check_servable(name: &str, adapter: &Adapter) -> Result<()> {
 }
 
 fn stopped() -> Error {
-    Error::InvalidArgument("the engine has stopped".into())
+    Refusal::Stopped.into()
 }
