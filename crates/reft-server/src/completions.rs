@@ -138,13 +138,15 @@ fn submission(state: &AppState, ready: &Ready, p: Parsed) -> Result<Submission, 
         Some(m) if ready.engine.adapter_names().iter().any(|n| n == m) => {
             adapters.push(m.to_string())
         }
-        Some(m) => return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
+        Some(m) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
                 "the model `{m}` does not exist (GET /v1/models lists the base and the adapters)"
             ),
-        )
-        .with_code("model_not_found")),
+            )
+            .with_code("model_not_found"))
+        }
     }
     for a in p.adapters {
         if adapters.contains(&a) {
