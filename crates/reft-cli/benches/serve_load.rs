@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p reft-cli --bench serve_load [-- --repeats N] [-- --peer HOST:PORT]`: with
 //! `--peer`, the same base-model load goes to an OpenAI-compatible server already running there
-//! (llama.cpp's `llama-server` on the same GGUF, say) instead.
+//! (llama.cpp's `llama-server` on the same GGUF, say) instead; `--model NAME` sets the `model`
+//! field it is sent (default: reft's default model's name).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -358,7 +359,8 @@ fn main() {
     let loads = [1usize, 32];
     if let Some(peer) = arg("--peer") {
         wait_healthy(&peer);
-        let model = vec!["peer".to_string()];
+        // llama-server serves whatever `model` says; reft serve needs its base model's name.
+        let model = vec![arg("--model").unwrap_or_else(|| reft::hub::DEFAULT_MODEL.to_string())];
         one_request(&peer, &model[0], 0).expect("a warm-up request");
         for clients in loads {
             let runs: Vec<Outcome> = (0..repeats)

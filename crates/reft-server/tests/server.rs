@@ -252,6 +252,28 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         let ok = call(&state, "POST", "/v1/chat/completions", &user(json!({}))).await;
         assert_eq!(ok.status, StatusCode::OK, "after {words:?}: {}", ok.text());
     }
+    // Arriving together (so usually prefilled as one pass), a clashing request fails alone.
+    let bodies = [
+        user(json!({"model": "early"})),
+        user(json!({"model": "early", "adapters": ["clash"]})),
+        user(json!({"model": "clash"})),
+    ];
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                call(&state, "POST", "/v1/chat/completions", &b)
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().as_u16());
+    }
+    assert_eq!(statuses, [200, 400, 200]);
     let r = call(&state, "GET", "/v2/nothing", "").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.json()["error"]["message"]

@@ -324,6 +324,23 @@ pub fn group_digits(n: usize) -> String {
 }
 
 impl Adapter {
+    /// Drops this batch's edits of the examples `keep` does not mark (call after `prepare`).
+    pub fn keep_examples(&mut self, keep: &[bool]) {
+        let kept = |bi: usize| keep.get(bi).copied().unwrap_or(false);
+        for per_example in &mut self.rows {
+            for (bi, rows) in per_example.iter_mut().enumerate() {
+                if !kept(bi) {
+                    rows.clear();
+                }
+            }
+        }
+        for (bi, end) in self.prompt_end.iter_mut().enumerate() {
+            if !kept(bi) {
+                *end = usize::MAX;
+            }
+        }
+    }
+
     /// Like [`Hooks::prepare`], with explicit prompt positions instead of the configured specs:
     /// `positions[i][b]` lists what intervention `i` edits in example `b` (pyreft's
     /// `unit_locations`, ragged and unpadded).
@@ -437,19 +454,9 @@ pub struct AdapterSet {
     pub adapters: Vec<Adapter>,
 }
 
-impl Hooks for AdapterSet {
-    fn sites(&self) -> Vec<Site> {
-        let mut s: Vec<Site> = self.adapters.iter().flat_map(Hooks::sites).collect();
-        s.sort();
-        s.dedup();
-        s
-    }
-
-    fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
-        for a in &mut self.adapters {
-            a.prepare(layout)?;
-        }
-        // Collisions between adapters: same site, same example, same position.
+impl AdapterSet {
+    /// Fails when two adapters edit the same position of the same example at the same site.
+    fn check_collisions(&self, layout: &PromptLayout) -> Result<()> {
         let mut seen: std::collections::HashMap<(Site, usize, usize), usize> = Default::default();
         for (ai, a) in self.adapters.iter().enumerate() {
             for (i, c) in a.config.interventions.iter().enumerate() {
@@ -472,6 +479,65 @@ impl Hooks for AdapterSet {
             }
         }
         Ok(())
+    }
+}
+
+/// Different adapters for different examples of one batch: each group's adapters edit only
+/// the examples its mask marks. This is how requests for any mix of adapters share one prefill
+/// (the serving engine); the groups' edits never meet, since they touch different examples.
+pub struct PerExample {
+    /// Each group: adapters applied together, and which examples of the batch they edit.
+    pub groups: Vec<(AdapterSet, Vec<bool>)>,
+}
+
+impl Hooks for PerExample {
+    fn sites(&self) -> Vec<Site> {
+        let mut s: Vec<Site> = self.groups.iter().flat_map(|(g, _)| g.sites()).collect();
+        s.sort();
+        s.dedup();
+        s
+    }
+
+    fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
+        for (set, keep) in &mut self.groups {
+            for a in &mut set.adapters {
+                a.prepare(layout)?;
+                a.keep_examples(keep);
+            }
+            set.check_collisions(layout)?;
+        }
+        Ok(())
+    }
+
+    fn on_site(
+        &mut self,
+        site: Site,
+        hidden: &Tensor,
+        ctx: &SiteContext,
+    ) -> Result<Option<Tensor>> {
+        let mut cur: Option<Tensor> = None;
+        for (set, _) in &mut self.groups {
+            if let Some(t) = set.on_site(site, cur.as_ref().unwrap_or(hidden), ctx)? {
+                cur = Some(t);
+            }
+        }
+        Ok(cur)
+    }
+}
+
+impl Hooks for AdapterSet {
+    fn sites(&self) -> Vec<Site> {
+        let mut s: Vec<Site> = self.adapters.iter().flat_map(Hooks::sites).collect();
+        s.sort();
+        s.dedup();
+        s
+    }
+
+    fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
+        for a in &mut self.adapters {
+            a.prepare(layout)?;
+        }
+        self.check_collisions(layout)
     }
 
     fn on_site(

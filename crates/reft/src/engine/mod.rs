@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::adapter::{Adapter, AdapterSet};
+use crate::adapter::{Adapter, AdapterSet, PerExample};
 use crate::generate::{DecodeBatch, Event, Generation, GenerationConfig, Request};
 use crate::load::LanguageModel;
 use crate::model::NoHooks;
@@ -444,63 +444,103 @@ impl Scheduler {
         for (tag, s) in admitted {
             groups.entry(s.adapters.clone()).or_default().push((tag, s));
         }
-        for (names, group) in groups {
-            let tags: Vec<u64> = group.iter().map(|(t, _)| *t).collect();
-            let prompt_tokens: usize = group.iter().map(|(_, s)| s.prompt.len()).sum();
-            match self.prefill(&names, group) {
-                Ok(joining) => {
-                    self.stats
-                        .prompt_tokens
-                        .fetch_add(prompt_tokens, Ordering::SeqCst);
-                    if let Err(e) = batch.merge(joining) {
-                        self.fail(&tags, &e);
+        for round in rounds(groups.into_iter().collect()) {
+            // One prefill for the round; if it fails, one per group, so that only the group
+            // at fault (adapters that clash, say) hears of it.
+            match self.prefill(&round) {
+                Ok(joining) => self.join(batch, &round, joining),
+                Err(_) if round.len() > 1 => {
+                    for group in round {
+                        let one = [group];
+                        match self.prefill(&one) {
+                            Ok(joining) => self.join(batch, &one, joining),
+                            Err(e) => self.fail_group(&one[0], e),
+                        }
                     }
                 }
-                Err(e) => {
-                    let e = match names.len() {
-                        0 | 1 => e,
-                        _ => Error::InvalidArgument(format!("adapters {}: {e}", names.join(" + "))),
-                    };
-                    self.fail(&tags, &e)
-                }
+                Err(e) => self.fail_group(&round[0], e),
             }
         }
         self.stats.running.store(batch.len(), Ordering::SeqCst);
     }
 
-    /// One prefill of `group` with the adapters `names` (taken out of the registry for the pass
-    /// and put back after).
-    fn prefill(&mut self, names: &[String], group: Vec<(u64, Submission)>) -> Result<DecodeBatch> {
+    /// Merges prefilled `joining` (the requests of `groups`) into the running batch.
+    fn join(&mut self, batch: &mut DecodeBatch, groups: &[Group], joining: DecodeBatch) {
+        let tags: Vec<u64> = groups
+            .iter()
+            .flat_map(|(_, g)| g.iter().map(|(t, _)| *t))
+            .collect();
+        let prompt_tokens: usize = groups
+            .iter()
+            .flat_map(|(_, g)| g.iter().map(|(_, s)| s.prompt.len()))
+            .sum();
+        self.stats
+            .prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::SeqCst);
+        if let Err(e) = batch.merge(joining) {
+            self.fail(&tags, &e);
+        }
+    }
+
+    fn fail_group(&mut self, (names, group): &Group, e: Error) {
+        let tags: Vec<u64> = group.iter().map(|(t, _)| *t).collect();
+        let e = match names.len() {
+            0 | 1 => e,
+            _ => Error::InvalidArgument(format!("adapters {}: {e}", names.join(" + "))),
+        };
+        self.fail(&tags, &e)
+    }
+
+    /// One prefill of `groups`' requests, each group's adapters (taken out of the registry for
+    /// the pass and put back after) editing only its own requests.
+    fn prefill(&mut self, groups: &[Group]) -> Result<DecodeBatch> {
         let lm = Arc::clone(&self.model);
-        let requests: Vec<Request> = group
-            .into_iter()
+        let requests: Vec<Request> = groups
+            .iter()
+            .flat_map(|(_, g)| g.iter())
             .map(|(tag, s)| Request {
-                tag,
-                prompt: s.prompt,
-                cfg: s.cfg,
+                tag: *tag,
+                prompt: s.prompt.clone(),
+                cfg: s.cfg.clone(),
             })
             .collect();
-        if names.is_empty() {
-            return DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut NoHooks);
-        }
-        let mut set = AdapterSet {
-            adapters: Vec::with_capacity(names.len()),
-        };
+        let mut hooks = PerExample { groups: Vec::new() };
+        let mut taken: Vec<&String> = Vec::new();
         let mut missing = None;
-        for n in names {
-            match self.registry.remove(n) {
-                Some(a) => set.adapters.push(a),
-                None => missing = Some(n.clone()),
+        let mut start = 0;
+        for (names, group) in groups {
+            let mut keep = vec![false; requests.len()];
+            keep[start..start + group.len()].fill(true);
+            start += group.len();
+            if names.is_empty() {
+                continue;
             }
+            let mut set = AdapterSet {
+                adapters: Vec::with_capacity(names.len()),
+            };
+            for n in names {
+                match self.registry.remove(n) {
+                    Some(a) => {
+                        set.adapters.push(a);
+                        taken.push(n);
+                    }
+                    None => missing = Some(n.clone()),
+                }
+            }
+            hooks.groups.push((set, keep));
         }
         let out = match missing {
             // The same adapter twice in one request, or one not registered.
             Some(n) => Err(Error::InvalidArgument(format!(
                 "adapter `{n}` is unknown or named twice in one request"
             ))),
-            None => DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut set),
+            None if hooks.groups.is_empty() => {
+                DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut NoHooks)
+            }
+            None => DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut hooks),
         };
-        for (n, a) in names.iter().zip(set.adapters) {
+        let adapters = hooks.groups.into_iter().flat_map(|(set, _)| set.adapters);
+        for (n, a) in taken.into_iter().zip(adapters) {
             self.registry.insert(n.clone(), a);
         }
         out
@@ -594,6 +634,26 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Requests that ask for the same adapters, with those adapters' names.
+type Group = (Vec<String>, Vec<(u64, Submission)>);
+
+/// Splits groups into rounds that share one prefill: no adapter in two groups of a round (an
+/// adapter can edit only one set of examples per pass).
+fn rounds(groups: Vec<Group>) -> Vec<Vec<Group>> {
+    let mut rounds: Vec<Vec<Group>> = Vec::new();
+    for g in groups {
+        let fits = |r: &Vec<Group>| {
+            !r.iter()
+                .any(|(names, _)| names.iter().any(|n| g.0.contains(n)))
+        };
+        match rounds.iter_mut().find(|r| fits(r)) {
+            Some(r) => r.push(g),
+            None => rounds.push(vec![g]),
+        }
+    }
+    rounds
 }
 
 /// Refuses adapters the engine cannot batch: those that edit generated tokens too.

@@ -147,6 +147,76 @@ fn a_cancelled_sequence_leaves_and_the_others_are_unchanged() {
     assert_eq!(done, vec![(1, want)]);
 }
 
+/// One prefill for requests on different adapters (reft::adapter::PerExample): each group's
+/// adapters edit only its own rows, so each request gets what it gets alone, and the clash
+/// check sees only a group's own rows.
+#[test]
+fn one_prefill_serves_requests_for_different_adapters() {
+    use reft::adapter::{AdapterSet, PerExample};
+    let lm = smollm2();
+    let (dec, tok) = (&lm.decoder, &lm.tokenizer);
+    let prompts = [
+        chat_ids(lm, "Write a short story about the number 4."),
+        chat_ids(lm, "Hi"),
+        chat_ids(
+            lm,
+            "Name three colours of the rainbow, please, in a short list.",
+        ),
+        chat_ids(lm, "What is the capital of France?"),
+    ];
+    let spec_b = r#"{"interventions": [{"kind": "loreft", "layers": "6;15", "rank": 4, "positions": "f2+l2"}]}"#;
+    let mut a = adapter_from_spec(dec, LOREFT, 3, DType::F32);
+    let mut b = adapter_from_spec(dec, spec_b, 5, DType::F32);
+    // Row 0 with `b`, row 1 plain, rows 2 and 3 with `a`.
+    let want: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let hooks: &mut dyn Hooks = match i {
+                2 | 3 => &mut a,
+                0 => &mut b,
+                _ => &mut NoHooks,
+            };
+            alone(&prompts[i], &config(16), hooks)
+        })
+        .collect();
+    for i in [0, 2] {
+        let plain = alone(&prompts[i], &config(16), &mut NoHooks);
+        assert_ne!(want[i], plain, "row {i}: the adapter changes nothing");
+    }
+    let mut hooks = PerExample {
+        groups: vec![
+            (
+                AdapterSet { adapters: vec![a] },
+                vec![false, false, true, true],
+            ),
+            (
+                AdapterSet { adapters: vec![b] },
+                vec![true, false, false, false],
+            ),
+        ],
+    };
+    let requests = (0..4)
+        .map(|i| Request {
+            tag: i as u64,
+            prompt: prompts[i].clone(),
+            cfg: config(16),
+        })
+        .collect();
+    let mut batch = DecodeBatch::prefill(dec, tok, requests, &mut hooks).unwrap();
+    let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
+    while !batch.is_empty() {
+        batch
+            .step(dec, tok, None, &mut |e| {
+                if let Event::Done { tag, generation } = e {
+                    got.insert(tag, generation.ids);
+                }
+            })
+            .unwrap();
+    }
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(&got[&(i as u64)], w, "request {i}");
+    }
+}
+
 /// The engine: 12 requests spread over the base model and three adapters, submitted from four
 /// threads at once, each get the tokens `generate` gives them alone, streamed text included.
 #[test]
