@@ -414,7 +414,11 @@ fn main() {
             rates.insert((*label, clients), report(label, clients, &runs));
         }
         let (rss, peak) = server.memory();
-        println!("    server memory with {loaded} adapters registered: {rss0:.0} MiB after warm-up, {rss:.0} MiB after the load (peak {peak:.0} MiB)");
+        println!(
+            "    server memory with {loaded} adapter{} registered: {rss0:.0} MiB after warm-up, \
+             {rss:.0} MiB after the load (peak {peak:.0} MiB)",
+            if *loaded == 1 { "" } else { "s" }
+        );
     }
     for clients in loads {
         let b = rates[&("(b) one adapter", clients)];
