@@ -114,11 +114,7 @@ pub async fn load_adapter(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    lock(&ready.adapters).push(AdapterEntry {
-        name: name.clone(),
-        path: dir,
-        created: crate::unix_now(),
-    });
+    lock(&ready.adapters).push(AdapterEntry::new(name.clone(), dir));
     Ok(format!("Success: adapter `{name}` loaded."))
 }
 

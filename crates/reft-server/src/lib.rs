@@ -69,6 +69,17 @@ pub struct AdapterEntry {
     pub created: u64,
 }
 
+impl AdapterEntry {
+    /// An entry for `name` from `path`, registered now.
+    pub fn new(name: impl Into<String>, path: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            path,
+            created: unix_now(),
+        }
+    }
+}
+
 /// The model and engine, once loaded.
 pub struct Ready {
     /// The frozen base model (for tokenising and its chat template).

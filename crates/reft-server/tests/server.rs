@@ -276,10 +276,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(statuses, [200, 400, 200]);
     let r = call(&state, "GET", "/v2/nothing", "").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("/v2/nothing"));
+    assert!(r.error_message().contains("/v2/nothing"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,34 +394,22 @@ async fn health_models_runtime_adapters_and_metrics() {
     let loading = reft_server::AppState::new(Options::default());
     let r = call(&loading, "GET", "/health", "").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("loading"));
+    assert!(r.error_message().contains("loading"));
     assert_eq!(call(&loading, "GET", "/v1/models", "").await.status, 503);
 
     let off = state_with(&["early"], Options::default(), EngineLimits::default());
     let load = json!({"lora_name": "twin", "lora_path": "early"}).to_string();
     let r = call(&off, "POST", "/v1/load_lora_adapter", &load).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("--adapter-root"));
+    assert!(r.error_message().contains("--adapter-root"));
 
     let opts = Options {
         adapter_root: Some(adapter_root().to_path_buf()),
         ..Options::default()
     };
     let state = state_with(&["early"], opts, EngineLimits::default());
+    assert_eq!(model_ids(&state).await, [BASE, "early"]);
     let v = call(&state, "GET", "/v1/models", "").await.json();
-    let ids: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, [BASE, "early"]);
     assert_eq!(v["data"][0]["parent"], Value::Null);
     assert_eq!(v["data"][1]["parent"], BASE);
     assert_eq!(v["data"][1]["max_model_len"], 8192);
@@ -432,10 +417,7 @@ async fn health_models_runtime_adapters_and_metrics() {
     let outside = json!({"lora_name": "x", "lora_path": "/tmp"}).to_string();
     let r = call(&state, "POST", "/v1/load_lora_adapter", &outside).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("not under the adapter root"));
+    assert!(r.error_message().contains("not under the adapter root"));
     let r = call(
         &state,
         "POST",
@@ -443,19 +425,10 @@ async fn health_models_runtime_adapters_and_metrics() {
         &json!({"lora_name": "early", "lora_path": "late"}).to_string(),
     )
     .await;
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("already loaded"));
+    assert!(r.error_message().contains("already loaded"));
     let r = call(&state, "POST", "/v1/load_lora_adapter", &load).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let ids: Vec<String> = call(&state, "GET", "/v1/models", "").await.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, [BASE, "early", "twin"]);
+    assert_eq!(model_ids(&state).await, [BASE, "early", "twin"]);
     let body = |m: &str| chat_body(m, &story(5), 16, false);
     let twin = answer(
         &call(&state, "POST", "/v1/chat/completions", &body("twin")).await,

@@ -135,13 +135,10 @@ fn load(
         )
         .with_context(|| format!("cannot load adapter `{name}` from {}", dir.display()))?;
         registered.push((name.clone(), a));
-        entries.push(AdapterEntry {
-            name: name.clone(),
-            path: dir.canonicalize().unwrap_or_else(|_| dir.clone()),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        });
+        entries.push(AdapterEntry::new(
+            name.clone(),
+            dir.canonicalize().unwrap_or_else(|_| dir.clone()),
+        ));
     }
     let engine = Engine::start(Arc::clone(&lm), registered, limits)?;
     eprintln!(

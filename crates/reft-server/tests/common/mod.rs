@@ -110,11 +110,7 @@ pub fn state_with(names: &[&str], opts: Options, limits: EngineLimits) -> Arc<Ap
         .collect();
     let entries = names
         .iter()
-        .map(|n| AdapterEntry {
-            name: n.to_string(),
-            path: adapter_root().join(n),
-            created: 0,
-        })
+        .map(|n| AdapterEntry::new(*n, adapter_root().join(n)))
         .collect();
     let engine = Engine::start(Arc::clone(&lm), adapters, limits).unwrap();
     let state = AppState::new(opts);
@@ -139,6 +135,14 @@ impl Reply {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `error.message` of an OpenAI error body.
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {}", self.text()))
+            .to_string()
     }
 
     pub fn text(&self) -> String {
@@ -260,6 +264,16 @@ pub fn answer(r: &Reply, stream: bool) -> (String, usize) {
         }
     }
     (text, tokens.expect("a usage in the stream"))
+}
+
+/// The ids `/v1/models` lists, in order.
+pub async fn model_ids(state: &Arc<AppState>) -> Vec<String> {
+    call(state, "GET", "/v1/models", "").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The path of an adapter folder, for bodies.

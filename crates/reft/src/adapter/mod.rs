@@ -492,10 +492,7 @@ pub struct PerExample {
 
 impl Hooks for PerExample {
     fn sites(&self) -> Vec<Site> {
-        let mut s: Vec<Site> = self.groups.iter().flat_map(|(g, _)| g.sites()).collect();
-        s.sort();
-        s.dedup();
-        s
+        sites_of(self.groups.iter().flat_map(|(g, _)| &g.adapters))
     }
 
     fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
@@ -515,22 +512,14 @@ impl Hooks for PerExample {
         hidden: &Tensor,
         ctx: &SiteContext,
     ) -> Result<Option<Tensor>> {
-        let mut cur: Option<Tensor> = None;
-        for (set, _) in &mut self.groups {
-            if let Some(t) = set.on_site(site, cur.as_ref().unwrap_or(hidden), ctx)? {
-                cur = Some(t);
-            }
-        }
-        Ok(cur)
+        let adapters = self.groups.iter_mut().flat_map(|(g, _)| &mut g.adapters);
+        apply_in_order(adapters, site, hidden, ctx)
     }
 }
 
 impl Hooks for AdapterSet {
     fn sites(&self) -> Vec<Site> {
-        let mut s: Vec<Site> = self.adapters.iter().flat_map(Hooks::sites).collect();
-        s.sort();
-        s.dedup();
-        s
+        sites_of(&self.adapters)
     }
 
     fn prepare(&mut self, layout: &PromptLayout) -> Result<()> {
@@ -546,12 +535,30 @@ impl Hooks for AdapterSet {
         hidden: &Tensor,
         ctx: &SiteContext,
     ) -> Result<Option<Tensor>> {
-        let mut cur: Option<Tensor> = None;
-        for a in &mut self.adapters {
-            if let Some(t) = a.on_site(site, cur.as_ref().unwrap_or(hidden), ctx)? {
-                cur = Some(t);
-            }
-        }
-        Ok(cur)
+        apply_in_order(&mut self.adapters, site, hidden, ctx)
     }
+}
+
+/// Every site any of `adapters` edits, sorted, once each.
+fn sites_of<'a>(adapters: impl IntoIterator<Item = &'a Adapter>) -> Vec<Site> {
+    let mut s: Vec<Site> = adapters.into_iter().flat_map(Hooks::sites).collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+/// `adapters` at `site` one after another, each on the previous one's output.
+fn apply_in_order<'a>(
+    adapters: impl IntoIterator<Item = &'a mut Adapter>,
+    site: Site,
+    hidden: &Tensor,
+    ctx: &SiteContext,
+) -> Result<Option<Tensor>> {
+    let mut cur: Option<Tensor> = None;
+    for a in adapters {
+        if let Some(t) = a.on_site(site, cur.as_ref().unwrap_or(hidden), ctx)? {
+            cur = Some(t);
+        }
+    }
+    Ok(cur)
 }
