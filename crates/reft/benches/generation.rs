@@ -25,6 +25,28 @@ fn main() -> reft::Result<()> {
         "SmolLM2-135M-Instruct, {} threads",
         candle_core::utils::get_num_threads()
     );
+    // `cargo bench --bench generation -- NAME` runs only the sections whose name contains NAME
+    // (single, products, batched, adapter).
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    if wanted("single") {
+        single_stream(&path, &dev, runs)?;
+    }
+    if wanted("products") {
+        block_products(&dev)?;
+    }
+    if wanted("batched") {
+        batched_decode(&path, &dev, runs)?;
+    }
+    if wanted("adapter") {
+        adapter_overhead(&path, &dev, runs)?;
+    }
+    Ok(())
+}
+
+/// Prefill and single-sequence decode, with f32 weights and with the GGUF blocks.
+fn single_stream(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
+    let dev = dev.clone();
     for quantized_decode in [false, true] {
         let opts = LoadOptions {
             quantized_decode,
@@ -89,7 +111,7 @@ fn main() -> reft::Result<()> {
             median(decode)
         );
     }
-    adapter_overhead(&path, &dev, runs)
+    Ok(())
 }
 
 /// Whole-generation time (prompt pass + 64 greedy tokens) with and without a prompt-only rank-4
@@ -162,5 +184,104 @@ fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::
         w * 1e3,
         100.0 * (w - p) / p
     );
+    Ok(())
+}
+
+/// Aggregate decode throughput of one running batch of `n` chat prompts ("Write a short story
+/// about the number N.", 64 greedy tokens, no stop tokens so every sequence runs its budget), the
+/// way the server's continuous batch decodes: the prompt pass is timed alone and subtracted.
+fn batched_decode(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
+    let lm = LanguageModel::load(
+        path.to_str().expect("utf-8 path"),
+        dev,
+        &LoadOptions::default(),
+        &mut |_| {},
+    )?;
+    let new_tokens = 64;
+    // REFT_BENCH_SEQS=4,32 picks the batch sizes.
+    let sizes: Vec<usize> = std::env::var("REFT_BENCH_SEQS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 8, 16, 32]);
+    for n in sizes {
+        let prompts = (0..n)
+            .map(|i| {
+                let msgs = [reft::template::Message::new(
+                    "user",
+                    format!("Write a short story about the number {i}."),
+                )];
+                lm.tokenizer.encode(&lm.chat_template.render(&msgs, true)?)
+            })
+            .collect::<reft::Result<Vec<_>>>()?;
+        let cfg = GenerationConfig {
+            max_new_tokens: new_tokens,
+            stop_ids: Vec::new(),
+            ..Default::default()
+        };
+        let run = |max_new_tokens: usize| -> reft::Result<(f64, usize)> {
+            let t = Instant::now();
+            let out = generate(
+                &lm.decoder,
+                &lm.tokenizer,
+                &prompts,
+                &GenerationConfig {
+                    max_new_tokens,
+                    ..cfg.clone()
+                },
+                &mut NoHooks,
+                &mut |_, _| {},
+            )?;
+            Ok((
+                t.elapsed().as_secs_f64(),
+                out.iter().map(|g| g.ids.len()).sum(),
+            ))
+        };
+        let mut rates = Vec::new();
+        let mut steps = Vec::new();
+        for _ in 0..runs {
+            let (first, _) = run(1)?;
+            let (all, tokens) = run(new_tokens)?;
+            rates.push((tokens - n) as f64 / (all - first));
+            steps.push((all - first) / (new_tokens - 1) as f64);
+        }
+        println!(
+            "batched decode, {n:>2} sequences: {:.1} tokens/s, {:.1} ms per step (median of {runs})",
+            median(rates),
+            median(steps) * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// One frozen product on SmolLM2's shapes, GGUF Q4_1 blocks × f32 rows against candle's f32
+/// matmul of the same (dequantized) weight, by number of rows: where the block kernel stops
+/// paying (`ops::QUANT_MAX_ROWS`).
+fn block_products(dev: &Device) -> reft::Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use reft::quant::{BlockFormat, QuantWeight};
+    for (out, inp) in [(3072usize, 576usize), (576, 1536)] {
+        let w = Tensor::randn(0f32, 1., (out, inp), dev)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let deq = q.dequantize(dev)?;
+        let qw = QuantWeight::new(BlockFormat::Q4_1, out, inp, q.data()?.to_vec()).expect("shape");
+        let wt = deq.t()?;
+        let mut line = format!("product [{out} × {inp}] µs, blocks/f32:");
+        for rows in [1usize, 4, 8, 16, 32, 64, 128] {
+            let x = Tensor::randn(0f32, 1., (rows, inp), dev)?;
+            let time = |f: &dyn Fn() -> reft::Result<Tensor>| -> reft::Result<f64> {
+                let mut v = Vec::new();
+                for _ in 0..21 {
+                    let t = Instant::now();
+                    f()?;
+                    v.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok(median(v))
+            };
+            let b = time(&|| qw.matmul_t(&x))?;
+            let f = time(&|| Ok(x.matmul(&wt)?))?;
+            line.push_str(&format!(" {rows}: {b:.0}/{f:.0}"));
+        }
+        println!("{line}");
+    }
     Ok(())
 }

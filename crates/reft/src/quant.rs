@@ -5,7 +5,9 @@
 //! 20 tokens/s here; a GGUF file's own 4- or 8-bit blocks are 5–6× smaller. These kernels multiply
 //! them with *f32* activations (no activation quantization, unlike llama.cpp), so the result is
 //! the f32 product of the dequantized weights up to summation order: decoding stays faithful to
-//! the f32 model that prefill, training and the parity tests use.
+//! the f32 model that prefill, training and the parity tests use. A batch of sequences decoding
+//! together (the server's continuous batch) multiplies several rows at once: each weight block
+//! is unpacked once per tile of rows, so the batch costs little more weight traffic than one row.
 //!
 //! At load, each GGML block `[scale (f16), (min (f16)), 32 values]` is split into three arrays
 //! (scales, mins, packed values) — the same bytes — so that a row's scales convert sixteen at a
@@ -163,46 +165,171 @@ impl QuantWeight {
             }
             .into());
         }
+        if rows == 0 {
+            return Ok(Tensor::zeros(
+                (0, self.out_dim),
+                candle_core::DType::F32,
+                x.device(),
+            )?);
+        }
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let nb = in_dim / 32;
-        // Per-block sums of x, for the min/offset terms.
-        let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let mut out_t = vec![0f32; self.out_dim * rows];
-        let vb = self.format.value_bytes() * nb;
+        let mut out = vec![0f32; rows * self.out_dim];
+        self.product(&xs, rows, &mut out);
+        Ok(Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)?)
+    }
+
+    /// `out = x Wᵀ` on plain slices: `xs` `[rows, in]` and `out` `[rows, out]`, row-major.
+    /// Output columns are split between the thread team's threads.
+    pub fn product(&self, xs: &[f32], rows: usize, out: &mut [f32]) {
+        assert_eq!(
+            xs.len(),
+            rows * self.in_dim,
+            "quantized product: input size"
+        );
+        assert_eq!(
+            out.len(),
+            rows * self.out_dim,
+            "quantized product: output size"
+        );
+        if rows == 0 || self.out_dim == 0 {
+            return;
+        }
         let parts = crate::parallel::parts();
         let per_part = self.out_dim.div_ceil(parts);
-        let slots: Vec<std::sync::Mutex<&mut [f32]>> = out_t
-            .chunks_mut(per_part * rows)
-            .map(std::sync::Mutex::new)
-            .collect();
+        let dst = Columns {
+            ptr: out.as_mut_ptr(),
+            stride: self.out_dim,
+        };
         crate::parallel::for_each_part(&|part| {
-            let Some(slot) = slots.get(part) else { return };
-            let mut dst = slot.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, o) in dst.chunks_mut(rows).enumerate() {
-                let j = part * per_part + k;
-                let row = Row {
-                    scales: &self.scales[j * nb..(j + 1) * nb],
-                    mins: if self.mins.is_empty() {
-                        &[]
-                    } else {
-                        &self.mins[j * nb..(j + 1) * nb]
-                    },
-                    values: &self.values[j * vb..(j + 1) * vb],
-                };
-                for (r, out) in o.iter_mut().enumerate() {
-                    let x = &xs[r * in_dim..(r + 1) * in_dim];
-                    let s = &sums[r * nb..(r + 1) * nb];
-                    *out = dot(self.format, &row, x, s);
+            let js = (part * per_part).min(self.out_dim)..((part + 1) * per_part).min(self.out_dim);
+            // SAFETY: `out` is `[rows, out_dim]`; each part writes only its own columns `js`.
+            unsafe { self.product_part(xs, rows, js, dst) };
+        });
+    }
+
+    /// Columns `js` of `x Wᵀ` into `dst`.
+    ///
+    /// # Safety
+    /// `dst` must address `rows` rows of `dst.stride ≥ js.end` floats that no one else writes.
+    unsafe fn product_part(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        js: std::ops::Range<usize>,
+        dst: Columns,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if rows > 1 && avx512_available() {
+                // SAFETY: the CPU supports the features the tile kernel enables (checked); the
+                // caller's contract on `dst` is passed on.
+                unsafe { self.tiles_avx512(xs, rows, js, dst) };
+                return;
+            }
+        }
+        let in_dim = self.in_dim;
+        let nb = in_dim / 32;
+        let vb = self.format.value_bytes() * nb;
+        // Per-block sums of x, for the min/offset terms.
+        let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        for j in js {
+            let row = self.row(j, nb, vb);
+            for r in 0..rows {
+                let x = &xs[r * in_dim..(r + 1) * in_dim];
+                let v = dot(self.format, &row, x, &sums[r * nb..(r + 1) * nb]);
+                // SAFETY: (r, j) is inside `dst` (the caller's contract).
+                unsafe { dst.write(r, j, v) };
+            }
+        }
+    }
+
+    /// Weight row `j`'s blocks.
+    fn row(&self, j: usize, nb: usize, vb: usize) -> Row<'_> {
+        Row {
+            scales: &self.scales[j * nb..(j + 1) * nb],
+            mins: if self.mins.is_empty() {
+                &[]
+            } else {
+                &self.mins[j * nb..(j + 1) * nb]
+            },
+            values: &self.values[j * vb..(j + 1) * vb],
+        }
+    }
+
+    /// Several rows of `x` at once (AVX-512): each weight block is unpacked to f32 once and
+    /// multiplies a tile of up to [`TILE`] rows, so a decode batch reads and unpacks every
+    /// weight once per tile instead of once per row. Weight rows go in panels that stay in
+    /// the core's cache while every tile passes over them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn tiles_avx512(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        js: std::ops::Range<usize>,
+        dst: Columns,
+    ) {
+        let nb = self.in_dim / 32;
+        let vb = self.format.value_bytes() * nb;
+        let panel = (PANEL_BYTES / (vb + 4 * nb).max(1)).max(1);
+        let mut scales = vec![0f32; 2 * nb];
+        let mut p0 = js.start;
+        while p0 < js.end {
+            let p1 = (p0 + panel).min(js.end);
+            let mut r0 = 0;
+            while r0 < rows {
+                // The widest tile that fits (16, 8, 4, 2 or 1 rows).
+                let n = [TILE, 8, 4, 2, 1]
+                    .into_iter()
+                    .find(|&w| w <= rows - r0)
+                    .unwrap_or(1);
+                let x = &xs[r0 * self.in_dim..(r0 + n) * self.in_dim];
+                for j in p0..p1 {
+                    let row = self.row(j, nb, vb);
+                    self.block_scales(&row, &mut scales);
+                    let o = Columns {
+                        // SAFETY: row r0 of `dst` (the caller's contract).
+                        ptr: unsafe { dst.ptr.add(r0 * dst.stride + j) },
+                        stride: dst.stride,
+                    };
+                    // SAFETY: `x` holds `n` rows of `in_dim`; the row's slices hold nb blocks;
+                    // `o` addresses rows r0 .. r0 + n of column j.
+                    unsafe {
+                        match n {
+                            16 => tile::<16>(self.format, &row, &scales, x, o),
+                            8 => tile::<8>(self.format, &row, &scales, x, o),
+                            4 => tile::<4>(self.format, &row, &scales, x, o),
+                            2 => tile::<2>(self.format, &row, &scales, x, o),
+                            _ => tile::<1>(self.format, &row, &scales, x, o),
+                        }
+                    }
+                }
+                r0 += n;
+            }
+            p0 = p1;
+        }
+    }
+
+    /// A row's per-block scale `d` and offset `m` (`w = d q + m`) as f32, `[d…, m…]`.
+    fn block_scales(&self, row: &Row, out: &mut [f32]) {
+        let nb = row.scales.len();
+        let (d, m) = out.split_at_mut(nb);
+        for (o, &s) in d.iter_mut().zip(row.scales) {
+            *o = f16::from_bits(s).to_f32();
+        }
+        match self.format {
+            BlockFormat::Q4_1 => {
+                for (o, &s) in m.iter_mut().zip(row.mins) {
+                    *o = f16::from_bits(s).to_f32();
                 }
             }
-        });
-        drop(slots);
-        let t = Tensor::from_vec(out_t, (self.out_dim, rows), &Device::Cpu)?;
-        Ok(if rows == 1 {
-            t.reshape((1, self.out_dim))?
-        } else {
-            t.t()?.contiguous()?
-        })
+            BlockFormat::Q4_0 => {
+                for (o, &s) in m.iter_mut().zip(d.iter()) {
+                    *o = -8.0 * s;
+                }
+            }
+            BlockFormat::Q8_0 => m.fill(0.0),
+        }
     }
 }
 
@@ -310,6 +437,86 @@ unsafe fn dot_avx512(format: BlockFormat, row: &Row, x: &[f32], sums: &[f32]) ->
     }
 }
 
+/// Where a part of a product writes: element `(r, j)` at `ptr + r·stride + j`.
+#[derive(Clone, Copy)]
+struct Columns {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: parts of one product write disjoint columns (see `QuantWeight::product`).
+unsafe impl Send for Columns {}
+// SAFETY: as above.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// # Safety
+    /// `(r, j)` must be inside the buffer and written by no one else.
+    unsafe fn write(self, r: usize, j: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(r * self.stride + j) = v };
+    }
+}
+
+/// Rows of `x` per tile of the multi-row kernel (accumulators held in registers).
+const TILE: usize = 16;
+
+/// Bytes of packed weight rows per panel of the multi-row kernel (about half a core's L2).
+const PANEL_BYTES: usize = 256 * 1024;
+
+/// `o[i] = x_i · w` for the `R` rows `x_i` of `x` and one weight row, its blocks dequantized
+/// to f32 in registers (`w = d q + m`) once for all `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn tile<const R: usize>(
+    format: BlockFormat,
+    row: &Row,
+    scales: &[f32],
+    x: &[f32],
+    o: Columns,
+) {
+    use std::arch::x86_64::*;
+    let nb = row.scales.len();
+    let in_dim = nb * 32;
+    debug_assert!(x.len() >= R * in_dim && scales.len() >= 2 * nb);
+    // SAFETY: block b < nb reads bytes b·vb .. (b+1)·vb of the row's values, floats
+    // i·in_dim + b·32 .. +32 of `x` for i < R, and scales b and nb + b.
+    unsafe {
+        let vb = format.value_bytes();
+        let (xp, vp) = (x.as_ptr(), row.values.as_ptr());
+        let nibbles = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let q = vp.add(b * vb);
+            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_BYTES) as *const i8);
+            let (lo, hi) = if format == BlockFormat::Q8_0 {
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(q as *const __m128i)),
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16) as *const __m128i)),
+                )
+            } else {
+                let q = _mm_loadu_si128(q as *const __m128i);
+                (
+                    _mm512_cvtepu8_epi32(_mm_and_si128(q, nibbles)),
+                    _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), nibbles)),
+                )
+            };
+            let d = _mm512_set1_ps(*scales.get_unchecked(b));
+            let m = _mm512_set1_ps(*scales.get_unchecked(nb + b));
+            let wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m);
+            let whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xb = xp.add(i * in_dim + b * 32);
+                *a = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), *a);
+                *a = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb.add(16)), *a);
+            }
+        }
+        for (i, a) in acc.into_iter().enumerate() {
+            o.write(i, 0, _mm512_reduce_add_ps(a));
+        }
+    }
+}
+
 /// Portable version, written so that the compiler can vectorise the 16-lane inner loops.
 fn dot_generic(format: BlockFormat, row: &Row, x: &[f32], sums: &[f32]) -> f32 {
     let vb = format.value_bytes();
@@ -355,7 +562,8 @@ mod tests {
         let deq = q.dequantize(&dev)?;
         let fmt = BlockFormat::from_ggml(t).unwrap();
         let qw = QuantWeight::new(fmt, 40, in_dim, q.data()?.to_vec()).unwrap();
-        for rows in [1, 3] {
+        // 1: the one-row kernel; the others: tiles of 16, 8, 4, 2 and 1 rows in mixes.
+        for rows in [1, 2, 3, 8, 13, 16, 23, 33] {
             let x = Tensor::randn(0f32, 1., (rows, in_dim), &dev)?;
             let want = x.matmul(&deq.t()?)?;
             let got = qw.matmul_t(&x)?;
