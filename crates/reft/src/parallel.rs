@@ -17,22 +17,29 @@ const SPIN: Duration = Duration::from_micros(300);
 
 type Job = *const (dyn Fn(usize) + Sync);
 
+/// `next` between calls: past every part, and far enough from overflow that late helpers'
+/// increments never wrap it around to a real part.
+const CLOSED: usize = usize::MAX / 2;
+
 struct Shared {
     /// Bumped once per call; helpers watch it.
     epoch: AtomicU64,
     /// The current call's closure; written only while no helper is running.
     job: UnsafeCell<Option<Job>>,
-    /// Helpers that finished the current call.
-    done: AtomicUsize,
+    /// The next part of the current call nobody has claimed yet.
+    next: AtomicUsize,
+    /// Parts of the current call other than the caller's first that have finished.
+    finished: AtomicUsize,
     /// A helper panicked during the current call.
     panicked: AtomicBool,
     /// Per helper: parked (or about to park) and needs an unpark.
     sleeping: Vec<AtomicBool>,
 }
 
-// SAFETY: `job` is written by the caller only before bumping `epoch` and while every helper is
-// idle, and read by helpers only after they observe the bump (release/acquire on `epoch`); the
-// caller waits for all helpers (`done`) before returning, so the closure outlives every use.
+// SAFETY: `job` is written by the caller only while no part runs and `next` is closed, and read
+// by a helper only after it claimed a part through `next` (which the caller reopens, after
+// writing the job, with a sequentially consistent store); the caller waits until every claimed
+// part has finished (`finished`) before returning, so the closure outlives every use.
 unsafe impl Sync for Shared {}
 // SAFETY: as above; the raw closure pointer is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
@@ -50,7 +57,8 @@ fn team() -> &'static Team {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: UnsafeCell::new(None),
-            done: AtomicUsize::new(0),
+            next: AtomicUsize::new(CLOSED),
+            finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleeping: (1..threads).map(|_| AtomicBool::new(false)).collect(),
         });
@@ -95,14 +103,28 @@ fn helper(shared: &Shared, part: usize) {
             }
         };
         seen = epoch;
-        // SAFETY: see `Shared`: the job was published before the epoch bump we observed, and
-        // the caller keeps it alive until `done` counts us.
-        let job = unsafe { (*shared.job.get()).expect("job published with the epoch") };
+        run_claimed_parts(shared);
+    }
+}
+
+/// Claims parts of the current call until none is left, running each. A part is claimed
+/// before the job is read, and the caller waits for every claimed part, so the job is alive
+/// whenever it is used.
+fn run_claimed_parts(shared: &Shared) {
+    let n = shared.sleeping.len() + 1;
+    loop {
+        let part = shared.next.fetch_add(1, Ordering::AcqRel);
+        if part >= n {
+            return;
+        }
+        // SAFETY: see `Shared`: the job was published before `next` was reset for this call,
+        // and the caller keeps it alive until `finished` counts this part.
+        let job = unsafe { (*shared.job.get()).expect("job published with the call") };
         let f = unsafe { &*job };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(part))).is_err() {
             shared.panicked.store(true, Ordering::SeqCst);
         }
-        shared.done.fetch_add(1, Ordering::AcqRel);
+        shared.finished.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -113,6 +135,10 @@ pub fn parts() -> usize {
 
 /// Runs `f(0)`, …, `f(parts() − 1)` concurrently, `f(0)` on the calling thread, and returns
 /// when all are done. If another call is in flight (from another thread), runs them in turn here.
+///
+/// Helpers claim parts rather than own them: when a helper is slow to wake (another process
+/// holds its core), the caller runs the parts nobody has claimed itself instead of waiting,
+/// which on a shared two-core machine turned stalls of tens of milliseconds into none.
 pub fn for_each_part(f: &(dyn Fn(usize) + Sync)) {
     let team = team();
     let n = team.helpers.len() + 1;
@@ -124,14 +150,15 @@ pub fn for_each_part(f: &(dyn Fn(usize) + Sync)) {
         }
     };
     let shared = &team.shared;
-    // SAFETY: all helpers are idle (the previous call waited for them) and none reads `job`
-    // until the epoch bump below. The lifetime is erased; we wait for every helper before
+    // SAFETY: no part of an earlier call is running (that call waited for all of them) and
+    // nobody reads `job` before claiming a part, which only the reset of `next` below allows. The lifetime is erased; we wait for every helper before
     // returning, so `f` outlives all uses.
     unsafe {
         let job: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f);
         *shared.job.get() = Some(job);
     }
-    shared.done.store(0, Ordering::SeqCst);
+    shared.finished.store(0, Ordering::SeqCst);
+    shared.next.store(1, Ordering::SeqCst);
     shared.epoch.fetch_add(1, Ordering::SeqCst);
     for (i, t) in team.helpers.iter().enumerate() {
         if shared.sleeping[i].load(Ordering::SeqCst) {
@@ -139,9 +166,19 @@ pub fn for_each_part(f: &(dyn Fn(usize) + Sync)) {
         }
     }
     let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
-    while shared.done.load(Ordering::Acquire) < n - 1 {
-        std::hint::spin_loop();
+    run_claimed_parts(shared);
+    let mut spins = 0u32;
+    while shared.finished.load(Ordering::Acquire) < n - 1 {
+        // A helper is inside a part; if it is not running, let it have this core.
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(1024) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
+    // Late helpers find nothing to claim.
+    shared.next.store(CLOSED, Ordering::SeqCst);
     // SAFETY: every helper is done with the job.
     unsafe { *shared.job.get() = None };
     let helper_panicked = shared.panicked.swap(false, Ordering::SeqCst);

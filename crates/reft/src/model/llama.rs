@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor, D};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use super::blocks::{Attention, Mlp, Norm, Weights};
+use super::blocks::{Attention, Layer, Mlp, Norm, Weights};
 use super::config::{Arch, DecoderConfig};
+use super::decode_step::StepInput;
 use super::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use super::{run_hook, Component, Hooks, KvCache, Site, SiteContext};
 use crate::ops::softmax_last_dim;
@@ -153,6 +154,11 @@ impl Decoder {
             && self.device.is_cpu()
     }
 
+    /// The layers' frozen weights.
+    pub(super) fn layers(&self) -> &[Layer] {
+        &self.w.layers
+    }
+
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -201,6 +207,21 @@ impl Decoder {
         // whose input carries one.
         let fused = self.runs_fused_layers() && h.dtype() == DType::F32;
         let mut geo: Option<Option<Arc<Geometry>>> = None;
+        // Decoding steps (one new token per sequence after a prompt, no graph) run hook-free
+        // layers on slices (see `super::decode_step`).
+        let step = match (&rope, cache.as_deref()) {
+            (Some((cos, sin)), Some(c))
+                if t == 1 && past > 0 && c.keeps_appended() && self.decode_step_supported() =>
+            {
+                Some(StepInput {
+                    b,
+                    visible: input.attention_mask,
+                    cos: cos.flatten_all()?.to_vec1::<f32>()?,
+                    sin: sin.flatten_all()?.to_vec1::<f32>()?,
+                })
+            }
+            _ => None,
+        };
         let n_layers = self.cfg.num_layers;
         let eps = self.cfg.norm_eps;
         let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
@@ -212,12 +233,8 @@ impl Decoder {
             if fused && h.track_op() && geo.is_none() {
                 geo = Some(self.fused_geometry(b, t, past, input.attention_mask, rope.as_ref())?);
             }
-            if let Some(geo) = geo
-                .as_ref()
-                .and_then(Option::as_ref)
-                .filter(|_| !inner_hooks(l))
-            {
-                // A run of layers with no hook inside: one fused op.
+            // The end of the run of layers from `l` with no hook inside.
+            let run_end = |l: usize| {
                 let mut end = l + 1;
                 while end < n_layers
                     && !inner_hooks(end)
@@ -226,7 +243,27 @@ impl Decoder {
                 {
                     end += 1;
                 }
+                end
+            };
+            if let Some(geo) = geo
+                .as_ref()
+                .and_then(Option::as_ref)
+                .filter(|_| !inner_hooks(l))
+            {
+                // A run of layers with no hook inside: one fused op.
+                let end = run_end(l);
                 h = self.fused_run(l..end, &h, geo, cache.as_deref_mut())?;
+                h = hook(end - 1, Component::BlockOutput, h)?;
+                l = end;
+                continue;
+            }
+            if let (Some(step), Some(c)) = (
+                step.as_ref().filter(|_| !inner_hooks(l) && !h.track_op()),
+                cache.as_deref_mut(),
+            ) {
+                // A decoding step through a run of hook-free layers, on slices.
+                let end = run_end(l);
+                h = self.decode_run(l..end, &h, step, c)?;
                 h = hook(end - 1, Component::BlockOutput, h)?;
                 l = end;
                 continue;

@@ -7,6 +7,7 @@ mod adapters;
 mod classify;
 mod continuous_batching;
 mod data_columnar;
+mod decode_step;
 mod eval_choice;
 mod fused_layers;
 mod generation;
