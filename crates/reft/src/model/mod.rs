@@ -11,6 +11,7 @@ pub mod bert;
 mod blocks;
 pub mod config;
 mod cpu_math;
+mod encoder_fused;
 mod fused;
 mod head_loss;
 pub mod kv_cache;
