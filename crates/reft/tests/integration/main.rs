@@ -8,6 +8,7 @@ mod classify;
 mod continuous_batching;
 mod data_columnar;
 mod eval_choice;
+mod fused_encoder;
 mod fused_layers;
 mod generation;
 mod gradients;
