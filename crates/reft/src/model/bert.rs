@@ -6,14 +6,22 @@
 //! embeddings. Hook components follow pyvene's BERT mapping: `attention_output` is the attention
 //! block's output after its LayerNorm, `mlp_output` the feed-forward block's output after its
 //! LayerNorm (the same tensor as `block_output`, which hooks see next). Every op is composed of
-//! differentiable candle ops, so gradients reach interventions at any layer.
+//! differentiable candle ops, so gradients reach interventions at any layer. On the CPU in f32
+//! each run of hook-free layers is one fused op instead ([`super::encoder_fused`]: the same
+//! maths with an input-only backward, padding rows skipped, so the output is zero there); the
+//! composed ops serve other devices and dtypes, batches with an example of no real token, and
+//! stay the reference the fused op is tested against.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::blocks::Norm;
+use super::encoder_fused::{EncoderGeometry, EncoderLayerWeights, FusedEncoderLayers};
 use super::{run_hook, Component, Hooks, Site, SiteContext};
-use crate::ops::{softmax_last_dim, FrozenLinear};
+use crate::ops::{softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
 
@@ -115,9 +123,9 @@ impl EncoderConfig {
 }
 
 struct Layer {
-    q: FrozenLinear,
-    k: FrozenLinear,
-    v: FrozenLinear,
+    /// q, k and v, stacked (the parts are views into the stacked weight, so the fused path
+    /// reads one `[3d, d]` matrix at no extra memory).
+    qkv: FusedLinears,
     attn_out: FrozenLinear,
     attn_norm: Norm,
     up: FrozenLinear,
@@ -149,6 +157,9 @@ pub struct Encoder {
     head: Option<Head>,
     head_weights: std::collections::HashMap<&'static str, (Tensor, Tensor)>,
     device: Device,
+    /// Whether passes with a graph run hook-free layers as one fused op (see
+    /// [`super::encoder_fused`]).
+    fused_layers: AtomicBool,
 }
 
 impl Encoder {
@@ -193,10 +204,13 @@ impl Encoder {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("{prefix}encoder.layer.{l}");
+            let a = format!("{p}.attention.self");
             layers.push(Layer {
-                q: linear(&format!("{p}.attention.self.query"), d, d)?,
-                k: linear(&format!("{p}.attention.self.key"), d, d)?,
-                v: linear(&format!("{p}.attention.self.value"), d, d)?,
+                qkv: FusedLinears::new(vec![
+                    linear(&format!("{a}.query"), d, d)?,
+                    linear(&format!("{a}.key"), d, d)?,
+                    linear(&format!("{a}.value"), d, d)?,
+                ])?,
                 attn_out: linear(&format!("{p}.attention.output.dense"), d, d)?,
                 attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
                 up: linear(&format!("{p}.intermediate.dense"), i, d)?,
@@ -254,7 +268,24 @@ impl Encoder {
             head,
             head_weights,
             device: device.clone(),
+            fused_layers: AtomicBool::new(true),
         })
+    }
+
+    /// Turns the fused training path (hook-free layers as one op) on (the default) or off.
+    /// Both give the same losses and gradients; off, every op is a candle op (slower).
+    pub fn set_fused_layers(&self, on: bool) {
+        self.fused_layers.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether passes take the fused path: on, f32 weights, on the CPU (the fused kernels are
+    /// CPU code; other devices and dtypes run the composed ops). Unlike the decoder's, it also
+    /// serves passes without a graph: an encoder has no cache for the layers below the lowest
+    /// edit, so they are recomputed every training step, and inference gains the same.
+    pub fn runs_fused_layers(&self) -> bool {
+        self.fused_layers.load(Ordering::Relaxed)
+            && self.word.dtype() == DType::F32
+            && self.device.is_cpu()
     }
 
     /// The configuration.
@@ -299,7 +330,6 @@ impl Encoder {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let (d, nh) = (self.cfg.hidden_size, self.cfg.num_heads);
-        let hd = d / nh;
         let eps = self.cfg.layer_norm_eps;
         let sites = hooks.sites();
         let ctx = SiteContext { past_len: 0 };
@@ -346,31 +376,94 @@ impl Encoder {
             }
             None => None,
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (l, layer) in self.layers.iter().enumerate() {
+        // On the fused path every run of hook-free layers is one op, with a graph or without
+        // (layers below the lowest edit of a training pass have none, and are a sixth of the
+        // work of an edit at every layer); batches it cannot pack stay composed.
+        let geo = match self.runs_fused_layers() && h.dtype() == DType::F32 {
+            true => EncoderGeometry::new((b, t, d, nh), eps, attention_mask)?.map(Arc::new),
+            false => None,
+        };
+        let n_layers = self.layers.len();
+        let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
+        let inner_hooks =
+            |l: usize| at(l, Component::AttentionOutput) || at(l, Component::MlpOutput);
+        let mut l = 0;
+        while l < n_layers {
             h = hook(l, Component::BlockInput, h)?;
-            let heads = |x: Tensor| -> Result<Tensor> {
-                Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = heads(layer.q.forward(&h)?)?;
-            let k = heads(layer.k.forward(&h)?)?;
-            let v = heads(layer.v.forward(&h)?)?;
-            let mut scores = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(m) = &mask {
-                scores = scores.broadcast_add(m)?;
+            if let Some(geo) = geo.as_ref().filter(|_| !inner_hooks(l)) {
+                // A run of layers with no hook inside: one fused op.
+                let mut end = l + 1;
+                while end < n_layers
+                    && !inner_hooks(end)
+                    && !at(end - 1, Component::BlockOutput)
+                    && !at(end, Component::BlockInput)
+                {
+                    end += 1;
+                }
+                h = self.fused_run(l..end, &h, geo)?;
+                h = hook(end - 1, Component::BlockOutput, h)?;
+                l = end;
+                continue;
             }
-            let ctxt = softmax_last_dim(&scores)?.matmul(&v)?;
-            let ctxt = ctxt.transpose(1, 2)?.reshape((b, t, d))?;
-            let a = layer
-                .attn_norm
-                .forward(&(layer.attn_out.forward(&ctxt)? + &h)?, eps)?;
-            let a = hook(l, Component::AttentionOutput, a)?;
-            let m = layer.down.forward(&layer.up.forward(&a)?.gelu_erf()?)?;
-            let m = layer.out_norm.forward(&(m + &a)?, eps)?;
-            let m = hook(l, Component::MlpOutput, m)?;
+            let mut layer_hook = |c: Component, h: Tensor| hook(l, c, h);
+            let m = self.composed_layer(&self.layers[l], &h, mask.as_ref(), &mut layer_hook)?;
             h = hook(l, Component::BlockOutput, m)?;
+            l += 1;
         }
         Ok(h)
+    }
+
+    /// One layer through composed candle ops on `h` `[b, t, d]` with the additive key mask
+    /// `[b, 1, 1, t]`; `hook` sees the attention and feed-forward outputs.
+    fn composed_layer(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        mask: Option<&Tensor>,
+        hook: &mut dyn FnMut(Component, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let nh = self.cfg.num_heads;
+        let hd = d / nh;
+        let eps = self.cfg.layer_norm_eps;
+        let heads = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let qkv = layer.qkv.forward(h)?;
+        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let ctxt = softmax_last_dim(&scores)?.matmul(&v)?;
+        let ctxt = ctxt.transpose(1, 2)?.reshape((b, t, d))?;
+        let a = layer
+            .attn_norm
+            .forward(&(layer.attn_out.forward(&ctxt)? + h)?, eps)?;
+        let a = hook(Component::AttentionOutput, a)?;
+        let m = layer.down.forward(&layer.up.forward(&a)?.gelu_erf()?)?;
+        let m = layer.out_norm.forward(&(m + &a)?, eps)?;
+        hook(Component::MlpOutput, m)
+    }
+
+    /// Layers `range` as one fused op on `h` `[b, t, d]` (see [`super::encoder_fused`]).
+    fn fused_run(
+        &self,
+        range: std::ops::Range<usize>,
+        h: &Tensor,
+        geo: &Arc<EncoderGeometry>,
+    ) -> Result<Tensor> {
+        let layers = self.layers[range]
+            .iter()
+            .map(Layer::fused_weights)
+            .collect::<Result<Vec<_>>>()?;
+        let op = FusedEncoderLayers {
+            layers,
+            geo: geo.clone(),
+            keep: h.track_op(),
+            state: Arc::new(Mutex::new(Vec::new())),
+        };
+        Ok(h.contiguous()?.apply_op1(op)?)
     }
 
     /// The classification head's logits `[b, labels]` from last hidden states `[b, t, d]`
@@ -388,5 +481,43 @@ impl Encoder {
                 "this encoder checkpoint has no classification head".into(),
             )),
         }
+    }
+}
+
+impl Layer {
+    /// The layer's weights as the fused op reads them (clones of the tensors, no copies).
+    fn fused_weights(&self) -> Result<EncoderLayerWeights> {
+        let linear = |l: &FrozenLinear| -> Result<(Tensor, Tensor)> {
+            let bias = l.bias().ok_or_else(|| {
+                Error::InvalidArgument("the fused encoder layers need linear biases".into())
+            })?;
+            Ok((l.weight().contiguous()?, bias.contiguous()?))
+        };
+        let norm = |n: &Norm| -> Result<(Tensor, Tensor)> {
+            match n {
+                Norm::Layer { weight, bias } => Ok((weight.contiguous()?, bias.contiguous()?)),
+                Norm::Rms(_) => Err(Error::InvalidArgument(
+                    "the fused encoder layers need LayerNorms".into(),
+                )),
+            }
+        };
+        let qkv_bias = self.qkv.bias().ok_or_else(|| {
+            Error::InvalidArgument("the fused encoder layers need q/k/v biases".into())
+        })?;
+        let (o, o_bias) = linear(&self.attn_out)?;
+        let (up, up_bias) = linear(&self.up)?;
+        let (down, down_bias) = linear(&self.down)?;
+        Ok(EncoderLayerWeights {
+            qkv: self.qkv.weight().contiguous()?,
+            qkv_bias: qkv_bias.contiguous()?,
+            o,
+            o_bias,
+            norm1: norm(&self.attn_norm)?,
+            up,
+            up_bias,
+            down,
+            down_bias,
+            norm2: norm(&self.out_norm)?,
+        })
     }
 }

@@ -1,5 +1,6 @@
-//! Plain-slice f32 maths behind the fused CPU kernels ([`super::fused`], the LM-head loss):
-//! strided GEMM through the `gemm` crate, RMSNorm and RoPE with their backward passes.
+//! Plain-slice f32 maths behind the fused CPU kernels ([`super::fused`], the LM-head loss,
+//! [`super::encoder_fused`]): strided GEMM through the `gemm` crate, RMSNorm, LayerNorm, RoPE,
+//! SwiGLU and exact-erf GELU with their backward passes.
 
 use candle_core::{CpuStorage, Layout, Storage};
 use rayon::prelude::*;
@@ -184,6 +185,96 @@ pub(crate) fn rms_norm_back(dx: &mut [f32], g: &[f32], x: &[f32], r: &[f32], w: 
         .zip(g.par_chunks(d).zip(x.par_chunks(d)))
         .zip(r.par_iter())
         .for_each(|((dx, (g, x)), &r)| rms_norm_back_row(dx, g, x, w, r));
+}
+
+/// `x · W[out, in]ᵀ + b` for `rows` rows of `x`: the bias rows are written first and the
+/// product accumulated onto them, which saves a pass over the output.
+pub(crate) fn linear_bias(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
+    let mut y = b.repeat(rows);
+    linear_acc(&mut y, x, w, rows, inp, out);
+    y
+}
+
+/// `dst += x · W[out, in]ᵀ` (a frozen linear whose output lands on a residual).
+pub(crate) fn linear_acc(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) {
+    mm(
+        dst,
+        out,
+        View::rows(x, inp),
+        View::t(w, inp),
+        (rows, out, inp),
+        true,
+        true,
+    );
+}
+
+/// `x += b` on every row of `x` (`b.len()` wide).
+pub(crate) fn add_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_mut(b.len().max(1)) {
+        row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+    }
+}
+
+/// LayerNorm of each row, `y = x̂·w + b` with `x̂ = (x − mean)/√(var + eps)` (population
+/// variance, as PyTorch's); returns `y`, `x̂` and each row's `1/√(var + eps)`, which is all its
+/// backward needs. On one thread, for the reason given at [`rms_norm`].
+pub(crate) fn layer_norm(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    d: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; x.len()];
+    let mut xhat = vec![0f32; x.len()];
+    let r = y
+        .chunks_mut(d)
+        .zip(xhat.chunks_mut(d))
+        .zip(x.chunks(d))
+        .map(|((y, xh), x)| layer_norm_row(y, xh, x, w, b, eps))
+        .collect();
+    (y, xhat, r)
+}
+
+/// Replaces `g`, the gradient of a LayerNorm's output, by that of its input:
+/// `r·(u − mean(u) − x̂·mean(u⊙x̂))` with `u = g⊙w` (in place: the output gradient is not
+/// needed afterwards, so no second buffer).
+pub(crate) fn layer_norm_back(g: &mut [f32], xhat: &[f32], r: &[f32], w: &[f32], d: usize) {
+    g.par_chunks_mut(d)
+        .zip(xhat.par_chunks(d))
+        .zip(r.par_iter())
+        .for_each(|((g, xh), &r)| layer_norm_back_row(g, xh, w, r));
+}
+
+/// Exact-erf GELU `u·Φ(u)` of every element, over threads (the feed-forward activations are
+/// the largest elementwise pass of an encoder layer).
+pub(crate) fn gelu_erf(u: &[f32]) -> Vec<f32> {
+    let mut act = vec![0f32; u.len()];
+    act.par_chunks_mut(4096)
+        .zip(u.par_chunks(4096))
+        .for_each(|(a, u)| gelu_erf_chunk(a, u));
+    act
+}
+
+/// GELU backward in place: `g *= Φ(u) + u·φ(u)`.
+pub(crate) fn gelu_erf_back(g: &mut [f32], u: &[f32]) {
+    g.par_chunks_mut(4096)
+        .zip(u.par_chunks(4096))
+        .for_each(|(g, u)| gelu_erf_back_chunk(g, u));
 }
 
 /// Half-split rotary embedding in place on every head of every row (`width` = heads·hd).
@@ -379,6 +470,69 @@ wide_fn! {
     }
 }
 
+/// `(Φ(x), φ(x))`, the standard normal distribution function and density, without a library
+/// call so that loops over it vectorise. `erf` by Abramowitz & Stegun 7.1.26 (absolute error
+/// below 1.5e-7, about one f32 rounding of `Φ`); the density shares its `exp`.
+#[inline(always)]
+fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let e = exp(-z * z);
+    let erf_abs = 1.0 - poly * e;
+    let erf = if z < 0.0 { -erf_abs } else { erf_abs };
+    (0.5 * (1.0 + erf), FRAC_1_SQRT_2PI * e)
+}
+
+wide_fn! {
+    fn gelu_erf_chunk(act: &mut [f32], u: &[f32]) {
+        for (a, &x) in act.iter_mut().zip(u) {
+            *a = x * normal_cdf_pdf(x).0;
+        }
+    }
+}
+
+wide_fn! {
+    fn gelu_erf_back_chunk(g: &mut [f32], u: &[f32]) {
+        for (g, &x) in g.iter_mut().zip(u) {
+            let (cdf, pdf) = normal_cdf_pdf(x);
+            *g *= cdf + x * pdf;
+        }
+    }
+}
+
+wide_fn! {
+    /// One row of LayerNorm (see [`layer_norm`]); returns `1/√(var + eps)`.
+    fn layer_norm_row(y: &mut [f32], xhat: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) -> f32 {
+        let n = x.len() as f32;
+        let mean = lane_sum3(x, x, x, |a, _, _| a) / n;
+        let var = lane_sum3(x, x, x, |a, _, _| (a - mean) * (a - mean)) / n;
+        let r = 1.0 / (var + eps).sqrt();
+        for i in 0..x.len().min(y.len()).min(xhat.len()).min(w.len()).min(b.len()) {
+            let h = (x[i] - mean) * r;
+            xhat[i] = h;
+            y[i] = h * w[i] + b[i];
+        }
+        r
+    }
+}
+
+wide_fn! {
+    /// One row of the LayerNorm backward (see [`layer_norm_back`]).
+    fn layer_norm_back_row(g: &mut [f32], xhat: &[f32], w: &[f32], r: f32) {
+        let n = g.len() as f32;
+        let mean_u = lane_sum3(g, w, w, |g, w, _| g * w) / n;
+        let mean_ux = lane_sum3(g, w, xhat, |g, w, h| g * w * h) / n;
+        for i in 0..g.len().min(xhat.len()).min(w.len()) {
+            g[i] = r * (g[i] * w[i] - mean_u - xhat[i] * mean_ux);
+        }
+    }
+}
+
 wide_fn! {
     /// Half-split RoPE of one head in place (or its transpose, for the backward).
     fn rope_head(head: &mut [f32], c: &[f32], s: &[f32], backward: bool) {
@@ -451,6 +605,77 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// GELU and its derivative against f64 with candle's erf, over the range activations take.
+    #[test]
+    fn gelu_erf_and_its_derivative_match_f64() {
+        let xs: Vec<f32> = (0..=40_000).map(|i| -10.0 + i as f32 / 2000.0).collect();
+        let act = gelu_erf(&xs);
+        let mut g = vec![1f32; xs.len()];
+        gelu_erf_back(&mut g, &xs);
+        let (mut worst_f, mut worst_g) = (0f64, 0f64);
+        for ((&x, &a), &d) in xs.iter().zip(&act).zip(&g) {
+            let x = x as f64;
+            let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / 2f64.sqrt()));
+            let pdf = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            worst_f = worst_f.max((a as f64 - x * cdf).abs() / (1.0 + x.abs()));
+            worst_g = worst_g.max((d as f64 - (cdf + x * pdf)).abs());
+        }
+        assert!(worst_f < 3e-7, "gelu off by {worst_f:e}");
+        assert!(worst_g < 3e-7, "gelu' off by {worst_g:e}");
+    }
+
+    /// LayerNorm forward against f64 sums, its backward against central differences of
+    /// `Σ c⊙y` (f64 re-evaluation, so the differences are exact to ~1e-9).
+    #[test]
+    fn layer_norm_forward_and_backward_match_f64() {
+        let (rows, d, eps) = (3, 37, 1e-5f32);
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+        let x: Vec<f32> = (0..rows * d).map(|i| val(i) + (i / d) as f32).collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + val(i + 3) / 4.0).collect();
+        let b: Vec<f32> = (0..d).map(|i| val(i + 7) / 8.0).collect();
+        let c: Vec<f32> = (0..rows * d).map(|i| val(i + 11)).collect();
+        let reference = |x: &[f64]| -> Vec<f64> {
+            let mut y = Vec::with_capacity(x.len());
+            for row in x.chunks(d) {
+                let mean = row.iter().sum::<f64>() / d as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+                let r = 1.0 / (var + eps as f64).sqrt();
+                y.extend(
+                    row.iter()
+                        .enumerate()
+                        .map(|(i, v)| (v - mean) * r * w[i] as f64 + b[i] as f64),
+                );
+            }
+            y
+        };
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (y, xhat, r) = layer_norm(&x, &w, &b, d, eps);
+        for (got, want) in y.iter().zip(reference(&xd)) {
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        let mut g = c.clone();
+        layer_norm_back(&mut g, &xhat, &r, &w, d);
+        let loss = |x: &[f64]| -> f64 {
+            reference(x)
+                .iter()
+                .zip(&c)
+                .map(|(y, &c)| y * c as f64)
+                .sum()
+        };
+        for i in 0..rows * d {
+            let h = 1e-4;
+            let (mut hi, mut lo) = (xd.clone(), xd.clone());
+            hi[i] += h;
+            lo[i] -= h;
+            let want = (loss(&hi) - loss(&lo)) / (2.0 * h);
+            assert!(
+                (g[i] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "[{i}]: {} vs {want}",
+                g[i]
+            );
         }
     }
 

@@ -12,6 +12,7 @@ mod blocks;
 pub mod config;
 mod cpu_math;
 mod decode_step;
+mod encoder_fused;
 mod fused;
 mod head_loss;
 pub mod kv_cache;

@@ -9,6 +9,7 @@ mod continuous_batching;
 mod data_columnar;
 mod decode_step;
 mod eval_choice;
+mod fused_encoder;
 mod fused_layers;
 mod generation;
 mod gradients;
