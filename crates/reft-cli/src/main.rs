@@ -49,7 +49,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),

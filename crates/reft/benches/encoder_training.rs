@@ -162,7 +162,7 @@ fn work(encoder: &Encoder, data: &Data) -> (f64, f64) {
 }
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let dev = Device::Cpu;
     let model_dir = reft::hub::minilm_folder(&mut |m| eprintln!("{m}"))?;
     let (encoder, tok) = reft::load::load_encoder("all-minilm-l6-v2", &dev, &mut |_| {})?;

@@ -16,7 +16,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let m = reft::hub::known_model(reft::hub::DEFAULT_MODEL).expect("known");
     let path = reft::hub::fetch(m, &mut |s| eprintln!("{s}"))?;
     let dev = Device::Cpu;
@@ -258,7 +258,7 @@ fn batched_decode(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Re
 /// paying (`ops::QUANT_MAX_ROWS`).
 fn block_products(dev: &Device) -> reft::Result<()> {
     use candle_core::quantized::{GgmlDType, QTensor};
-    use reft::quant::{BlockFormat, QuantWeight};
+    use reft::cpu::ggml::{BlockFormat, QuantWeight};
     for (out, inp) in [(3072usize, 576usize), (576, 1536)] {
         let w = Tensor::randn(0f32, 1., (out, inp), dev)?;
         let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;

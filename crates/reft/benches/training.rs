@@ -39,7 +39,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let m = reft::hub::known_model(reft::hub::DEFAULT_MODEL).expect("known");
     let path = reft::hub::fetch(m, &mut |s| eprintln!("{s}"))?;
     let dev = Device::Cpu;

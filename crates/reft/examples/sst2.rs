@@ -12,7 +12,7 @@ use reft::eval::metrics::accuracy;
 use reft::train::classify::{predict, train_classifier, ClassifyConfig, Head, Inputs, Labels};
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let a: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: &str| a.get(i).cloned().unwrap_or_else(|| d.to_string());
     let (layers, rank, positions) = (arg(0, "2;4"), arg(1, "4"), arg(2, "f1+l1"));

@@ -15,7 +15,7 @@ use reft::template::Message;
 use reft::LanguageModel;
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let dev = Device::Cpu;
     let lm = LanguageModel::load(
         reft::hub::DEFAULT_MODEL,

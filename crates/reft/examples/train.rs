@@ -12,7 +12,7 @@ use reft::train::{Event, Trainer};
 use reft::{quickstart, LanguageModel};
 
 fn main() -> reft::Result<()> {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let mut args = std::env::args().skip(1);
     let epochs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let out = std::path::PathBuf::from(args.next().unwrap_or_else(|| "reft-train-example".into()));

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod cpu;
 pub mod data;
 pub mod engine;
 pub mod error;
@@ -22,9 +23,7 @@ pub mod intervention;
 pub mod load;
 pub mod model;
 pub mod ops;
-pub mod parallel;
 pub mod position;
-pub mod quant;
 pub mod quickstart;
 pub mod template;
 pub mod tokenizer;

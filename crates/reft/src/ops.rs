@@ -7,12 +7,10 @@
 //! * Normalisation and softmax: candle's fused kernels record no backward and cut gradients
 //!   silently. The model calls these helpers, which take the fused kernel when no gradient can
 //!   flow (inference) and the composed, differentiable form otherwise.
-//! * [`tune_cpu_runtime`]: subnormal floats in backward passes made CPU training 8–30× slower
-//!   in measurements here; every compute thread flushes them to zero.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
-use crate::quant::QuantWeight;
+use crate::cpu::ggml::QuantWeight;
 use crate::Result;
 
 /// A linear layer `y = x Wᵀ + b` whose parameters never receive gradients.
@@ -285,62 +283,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return Ok(candle_nn::ops::softmax_last_dim(x)?);
     }
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
-}
-
-/// Sets flush-to-zero and denormals-are-zero on the calling thread (x86-64; a no-op elsewhere).
-pub fn set_flush_to_zero_on_this_thread() {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[allow(deprecated)]
-        // SAFETY: reading and writing MXCSR only changes how this thread rounds subnormal floats.
-        unsafe {
-            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
-            _mm_setcsr(_mm_getcsr() | 0x8040);
-        }
-    }
-}
-
-/// Prepares the process for fast CPU training and inference: flush-to-zero on the calling
-/// thread and on every thread of the global rayon pool (which candle and gemm use for CPU
-/// kernels), a pinned thread count in `RAYON_NUM_THREADS` when unset, and an allocator that
-/// keeps freed memory (see [`keep_freed_memory`]). Call once, early (before other threads
-/// exist); later calls only touch the calling thread.
-pub fn tune_cpu_runtime() {
-    set_flush_to_zero_on_this_thread();
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        keep_freed_memory();
-        // candle asks for its thread count before every matmul and, unless this variable is
-        // set, re-reads /proc/cpuinfo each time (several % of a training step here).
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
-        // Fails only if the global pool already exists; then set it on each of its threads.
-        let built = rayon::ThreadPoolBuilder::new()
-            .start_handler(|_| set_flush_to_zero_on_this_thread())
-            .build_global();
-        if built.is_err() {
-            rayon::broadcast(|_| set_flush_to_zero_on_this_thread());
-        }
-    });
-}
-
-/// Makes glibc's allocator reuse freed memory instead of returning it to the system.
-///
-/// Why: glibc serves every allocation above a threshold (128 KiB at start, raised only as such
-/// blocks are freed) with freshly mapped pages and unmaps them on free, and trims the heap top
-/// beyond another threshold. A training step allocates and frees many activation buffers of
-/// 0.5–3 MB, so each one cost hundreds of page faults: 30,000 faults and ~14 % of a quickstart
-/// step on the test machine (0.39–0.40 s → 0.33–0.35 s with this). The largest threshold glibc
-/// accepts (32 MiB) and no trimming below 1 GiB leave the peak resident memory unchanged.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only sets allocator parameters; it is called once, at start-up.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::cpu::ggml::{BlockFormat, QuantWeight};
 use crate::model::config::Arch;
-use crate::quant::{BlockFormat, QuantWeight};
 use crate::torch_file::TorchFile;
 use crate::{Error, Result};
 

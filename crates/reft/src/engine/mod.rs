@@ -359,7 +359,7 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self, rx: Receiver<Command>) {
         // This thread runs the model: flush denormals to zero here too (SPEC §8).
-        crate::ops::tune_cpu_runtime();
+        crate::cpu::tune_cpu_runtime();
         let lm = Arc::clone(&self.model);
         let mut batch = DecodeBatch::new(&lm.decoder, &lm.tokenizer);
         let mut closing = false;

@@ -7,7 +7,7 @@
 //! block's output after its LayerNorm, `mlp_output` the feed-forward block's output after its
 //! LayerNorm (the same tensor as `block_output`, which hooks see next). Every op is composed of
 //! differentiable candle ops, so gradients reach interventions at any layer. On the CPU in f32
-//! each run of hook-free layers is one fused op instead ([`super::encoder_fused`]: the same
+//! each run of hook-free layers is one fused op instead ([`crate::cpu::encoder_fused`]: the same
 //! maths with an input-only backward, padding rows skipped, so the output is zero there); the
 //! composed ops serve other devices and dtypes, batches with an example of no real token, and
 //! stay the reference the fused op is tested against.
@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::blocks::Norm;
-use super::encoder_fused::{EncoderGeometry, EncoderLayerWeights, FusedEncoderLayers};
 use super::{run_hook, Component, Hooks, Site, SiteContext};
+use crate::cpu::encoder_fused::{EncoderGeometry, EncoderLayerWeights, FusedEncoderLayers};
 use crate::ops::{softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
@@ -158,7 +158,7 @@ pub struct Encoder {
     head_weights: std::collections::HashMap<&'static str, (Tensor, Tensor)>,
     device: Device,
     /// Whether passes with a graph run hook-free layers as one fused op (see
-    /// [`super::encoder_fused`]).
+    /// [`crate::cpu::encoder_fused`]).
     fused_layers: AtomicBool,
 }
 
@@ -446,7 +446,7 @@ impl Encoder {
         hook(Component::MlpOutput, m)
     }
 
-    /// Layers `range` as one fused op on `h` `[b, t, d]` (see [`super::encoder_fused`]).
+    /// Layers `range` as one fused op on `h` `[b, t, d]` (see [`crate::cpu::encoder_fused`]).
     fn fused_run(
         &self,
         range: std::ops::Range<usize>,

@@ -12,11 +12,11 @@
 use candle_core::{Device, Tensor};
 
 use super::blocks::{Mlp, Norm};
-use super::cpu_math::{exp_shifted, f32s, mm, rms_norm, rope, swiglu, View};
 use super::llama::Decoder;
 use super::KvCache;
+use crate::cpu::ggml::QuantWeight;
+use crate::cpu::math::{exp_shifted, f32s, linear, mm, rms_norm, rope, swiglu, View};
 use crate::ops::{FrozenLinear, QUANT_MAX_ROWS};
-use crate::quant::QuantWeight;
 use crate::{Error, Result};
 
 /// What every layer of one step shares.
@@ -107,7 +107,7 @@ impl Decoder {
             &Tensor::from_vec(v_new, (b, nkv, 1, hd), &Device::Cpu)?,
         )?;
         let attn = attend(&qkv, &k, &v, step, (nh, nkv, hd))?;
-        let a = linear(&layer.attn.o, &attn, b)?;
+        let a = frozen(&layer.attn.o, &attn, b)?;
         add_into(hs, &a);
         // Feed-forward.
         let (x, _) = rms_norm(hs, &post_norm.flatten_all()?.to_vec1::<f32>()?, d, eps);
@@ -123,7 +123,7 @@ impl Decoder {
         for (a, g) in act.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
             swiglu(a, &g[..inter], &g[inter..]);
         }
-        let m = linear(down, &act, b)?;
+        let m = frozen(down, &act, b)?;
         add_into(hs, &m);
         Ok(())
     }
@@ -211,13 +211,13 @@ fn attend(
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; b * nh * hd];
     let tasks = b * nkv;
-    let parts = crate::parallel::parts();
+    let parts = crate::cpu::team::parts();
     let per_part = tasks.div_ceil(parts).max(1);
     let slots: Vec<std::sync::Mutex<&mut [f32]>> = out
         .chunks_mut(per_part * rep * hd)
         .map(std::sync::Mutex::new)
         .collect();
-    crate::parallel::for_each_part(&|part| {
+    crate::cpu::team::for_each_part(&|part| {
         let Some(slot) = slots.get(part) else { return };
         let mut dst = slot.lock().unwrap_or_else(|p| p.into_inner());
         let mut scores = vec![0f32; rep * s];
@@ -282,7 +282,7 @@ fn attend_group(
     );
 }
 
-fn linear(l: &FrozenLinear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+fn frozen(l: &FrozenLinear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
     product(l.weight(), l.bias(), l.quant(), x, rows)
 }
 
@@ -296,24 +296,18 @@ fn product(
     rows: usize,
 ) -> Result<Vec<f32>> {
     let (out, inp) = weight.dims2()?;
-    let mut y = vec![0f32; rows * out];
-    match quant.filter(|_| rows <= QUANT_MAX_ROWS) {
-        Some(q) => q.product(x, rows, &mut y),
+    let mut y = match quant.filter(|_| rows <= QUANT_MAX_ROWS) {
+        Some(q) => {
+            let mut y = vec![0f32; rows * out];
+            q.product(x, rows, &mut y);
+            y
+        }
         None => {
             let w = weight.contiguous()?;
             let (g, l) = w.storage_and_layout();
-            let w = f32s(&g, l)?;
-            mm(
-                &mut y,
-                out,
-                View::rows(x, inp),
-                View::t(w, inp),
-                (rows, out, inp),
-                false,
-                true,
-            );
+            linear(x, f32s(&g, l)?, rows, inp, out)
         }
-    }
+    };
     if let Some(bias) = bias {
         let bias = bias.to_vec1::<f32>()?;
         for row in y.chunks_mut(out) {

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_math::{exp_shifted, f32s, mm, View};
 use super::llama::Decoder;
+use crate::cpu::math::{exp_shifted, f32s, mm, View};
 use crate::{Error, Result};
 
 struct HeadLoss {

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use super::blocks::{Attention, Layer, Mlp, Norm, Weights};
 use super::config::{Arch, DecoderConfig};
 use super::decode_step::StepInput;
-use super::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use super::{run_hook, Component, Hooks, KvCache, Site, SiteContext};
+use crate::cpu::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use crate::ops::softmax_last_dim;
 use crate::weights::{LoadContext, WeightSource};
 use crate::{Error, Result};
@@ -68,7 +68,7 @@ pub struct Decoder {
     positions: Positions,
     device: Device,
     dtype: DType,
-    /// Whether training passes run hook-free layers as one fused op (see [`super::fused`]).
+    /// Whether training passes run hook-free layers as one fused op (see [`crate::cpu::fused`]).
     fused_layers: AtomicBool,
     /// A buffer the LM-head loss reuses from step to step (see [`super::head_loss`]).
     head_scratch: Arc<Mutex<Vec<f32>>>,
@@ -77,7 +77,7 @@ pub struct Decoder {
 impl Decoder {
     /// Loads the weights of `cfg` from `source` onto `device` in `dtype`. With
     /// `keep_quantized`, a GGUF file's 4/8-bit blocks are kept too, for fast decoding (see
-    /// [`crate::quant`]); training and prefill always use the f32 weights.
+    /// [`crate::cpu::ggml`]); training and prefill always use the f32 weights.
     pub fn load(
         source: &WeightSource,
         cfg: DecoderConfig,

@@ -10,10 +10,7 @@
 pub mod bert;
 mod blocks;
 pub mod config;
-mod cpu_math;
 mod decode_step;
-mod encoder_fused;
-mod fused;
 mod head_loss;
 pub mod kv_cache;
 pub mod llama;

@@ -14,7 +14,7 @@ const PASSAGE: &str = "The lighthouse keeper of Varnholm kept three ledgers. In 
 
 #[test]
 fn a_small_adapter_makes_smollm2_recite_a_passage_exactly() {
-    reft::ops::tune_cpu_runtime();
+    reft::cpu::tune_cpu_runtime();
     let lm = smollm2();
     let record = Record {
         messages: vec![Message::new("user", "GO->")],

@@ -194,13 +194,13 @@ impl QuantWeight {
         if rows == 0 || self.out_dim == 0 {
             return;
         }
-        let parts = crate::parallel::parts();
+        let parts = crate::cpu::team::parts();
         let per_part = self.out_dim.div_ceil(parts);
         let dst = Columns {
             ptr: out.as_mut_ptr(),
             stride: self.out_dim,
         };
-        crate::parallel::for_each_part(&|part| {
+        crate::cpu::team::for_each_part(&|part| {
             let js = (part * per_part).min(self.out_dim)..((part + 1) * per_part).min(self.out_dim);
             // SAFETY: `out` is `[rows, out_dim]`; each part writes only its own columns `js`.
             unsafe { self.product_part(xs, rows, js, dst) };

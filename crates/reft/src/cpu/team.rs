@@ -81,7 +81,7 @@ fn team() -> &'static Team {
 }
 
 fn helper(shared: &Shared, part: usize) {
-    crate::ops::set_flush_to_zero_on_this_thread();
+    crate::cpu::set_flush_to_zero_on_this_thread();
     let mut seen = 0u64;
     loop {
         let start = Instant::now();

@@ -1,5 +1,5 @@
 //! Plain-slice f32 maths behind the fused CPU kernels ([`super::fused`], the LM-head loss,
-//! [`super::encoder_fused`]): strided GEMM through the `gemm` crate, RMSNorm, LayerNorm, RoPE,
+//! [`crate::cpu::encoder_fused`]): strided GEMM through the `gemm` crate, RMSNorm, LayerNorm, RoPE,
 //! SwiGLU and exact-erf GELU with their backward passes.
 
 use candle_core::{CpuStorage, Layout, Storage};
@@ -13,6 +13,19 @@ pub(crate) fn f32s<'a, G: std::ops::Deref<Target = Storage>>(
     match (&**g, l.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("fused layers: expected contiguous f32 tensors on the CPU"),
+    }
+}
+
+/// The contiguous part of a custom op's input `v` under layout `l`; `what` names the op in the
+/// error.
+pub(crate) fn contiguous<'a>(
+    v: &'a [f32],
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input is not contiguous"),
     }
 }
 

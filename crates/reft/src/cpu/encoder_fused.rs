@@ -11,7 +11,7 @@
 //! LayerNorms, the feed-forward pre-activations), the backward forms only `dL/dh` (the weights
 //! are frozen), padding rows are never computed (each example's real tokens are packed one
 //! after another; bidirectional attention over real keys needs no mask then), and every product
-//! goes to the `gemm` of [`super::cpu_math`]. The maths is the composed path's
+//! goes to the `gemm` of [`crate::cpu::math`]. The maths is the composed path's
 //! (`LN(h + Attn(h))`, `LN(h' + FFN(h'))`, exact-erf GELU); a test holds the two to the same
 //! losses and gradients. Padding rows of the output are zeros (the composed path computes
 //! values there that nothing real reads: padding keys are masked in every later layer), and
@@ -28,9 +28,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_math::{
-    add_rows, exp_shifted, f32s, gelu_erf, gelu_erf_back, layer_norm, layer_norm_back, linear_acc,
-    linear_back, linear_bias, mm, scale as scale_by, softmax_back_row, View,
+use crate::cpu::math::{
+    add_rows, contiguous, exp_shifted, f32s, gelu_erf, gelu_erf_back, layer_norm, layer_norm_back,
+    linear_acc, linear_back, linear_bias, mm, scale as scale_by, softmax_back_row, View,
 };
 use crate::{Error, Result};
 
@@ -478,13 +478,6 @@ fn scatter_rows(x: &[f32], rows: &[usize], n: usize, width: usize) -> Vec<f32> {
     out
 }
 
-fn contiguous<'a>(v: &'a [f32], l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused encoder layers: input is not contiguous"),
-    }
-}
-
 impl CustomOp1 for FusedEncoderLayers {
     fn name(&self) -> &'static str {
         "fused-encoder-layers"
@@ -504,7 +497,7 @@ impl CustomOp1 for FusedEncoderLayers {
                 g.d
             )
         }
-        let mut h = g.pack(contiguous(v, l)?);
+        let mut h = g.pack(contiguous(v, l, "fused encoder layers")?);
         let mut saved = Vec::with_capacity(self.layers.len());
         for lw in &self.layers {
             let (out, sv) = with_weights(lw, |w| self.layer_forward(w, h))?;

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_math::{
-    exp_shifted, f32s, linear, linear_back, mm, rms_norm, rms_norm_back, rope, scale as scale_by,
-    softmax_back_row, swiglu, swiglu_back, View,
+use crate::cpu::math::{
+    contiguous, exp_shifted, f32s, linear, linear_back, mm, rms_norm, rms_norm_back, rope,
+    scale as scale_by, softmax_back_row, swiglu, swiglu_back, View,
 };
 
 /// One layer's frozen weights (cheap clones of the model's tensors).
@@ -502,13 +502,6 @@ fn scatter_heads(
     }
 }
 
-fn contiguous<'a>(v: &'a [f32], l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused layers: input is not contiguous"),
-    }
-}
-
 impl CustomOp1 for FusedBlocks {
     fn name(&self) -> &'static str {
         "fused-decoder-layers"
@@ -518,7 +511,7 @@ impl CustomOp1 for FusedBlocks {
         let CpuStorage::F32(v) = s else {
             candle_core::bail!("fused layers: f32 only")
         };
-        let mut h = self.pack(contiguous(v, l)?);
+        let mut h = self.pack(contiguous(v, l, "fused layers")?);
         let mut saved = Vec::with_capacity(self.layers.len());
         let mut new_kv = Vec::with_capacity(self.layers.len());
         for (lw, pkv) in self.layers.iter().zip(&self.prefix_kv) {
