@@ -255,7 +255,7 @@ fn batched_decode(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Re
 
 /// One frozen product on SmolLM2's shapes, GGUF Q4_1 blocks × f32 rows against candle's f32
 /// matmul of the same (dequantized) weight, by number of rows: where the block kernel stops
-/// paying (`ops::QUANT_MAX_ROWS`).
+/// paying (`reft::cpu::QUANT_MAX_ROWS`).
 fn block_products(dev: &Device) -> reft::Result<()> {
     use candle_core::quantized::{GgmlDType, QTensor};
     use reft::cpu::ggml::{BlockFormat, QuantWeight};

@@ -21,15 +21,6 @@ pub struct FrozenLinear {
     quant: Option<std::sync::Arc<QuantWeight>>,
 }
 
-/// Up to this many rows, an inference-only product uses the quantized blocks (decoding, and
-/// the server's batch of up to this many sequences); above it, the f32 GEMM. Measured on
-/// SmolLM2 (2 cores): at 32 rows the block kernel takes 1.08 ms for `[3072 × 576]` against the
-/// f32 GEMM's 0.94 ms but 1.01 ms for `[576 × 1536]` against 1.78 ms, and a 32-sequence decode
-/// step takes 102 ms with blocks against 112 ms with the f32 weights (16 sequences: 56 against
-/// 89 ms). At 64 rows the two are even over a layer's products, and at 128 the f32 GEMM wins on
-/// both shapes.
-pub(crate) const QUANT_MAX_ROWS: usize = 32;
-
 impl FrozenLinear {
     /// Wraps a weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -96,7 +87,10 @@ impl FrozenLinear {
 /// Whether a product with `rows` rows of `x` may use quantized blocks: inference only (no
 /// graph), few rows, f32 on the CPU.
 fn quant_eligible(x: &Tensor, rows: usize) -> bool {
-    !x.track_op() && rows <= QUANT_MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu()
+    !x.track_op()
+        && crate::cpu::blocks_serve(rows)
+        && x.dtype() == DType::F32
+        && x.device().is_cpu()
 }
 
 /// Several frozen linears over the same input (q/k/v; gate/up). When their quantized blocks

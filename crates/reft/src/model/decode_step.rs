@@ -14,9 +14,10 @@ use candle_core::{Device, Tensor};
 use super::blocks::{Mlp, Norm};
 use super::llama::Decoder;
 use super::KvCache;
+use crate::cpu::blocks_serve;
 use crate::cpu::ggml::QuantWeight;
 use crate::cpu::math::{exp_shifted, f32s, linear, mm, rms_norm, rope, swiglu, View};
-use crate::ops::{FrozenLinear, QUANT_MAX_ROWS};
+use crate::ops::FrozenLinear;
 use crate::{Error, Result};
 
 /// What every layer of one step shares.
@@ -287,7 +288,7 @@ fn frozen(l: &FrozenLinear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
 }
 
 /// `x Wᵀ + bias` for `rows` rows of `x` on slices: the GGUF blocks for as many rows as they
-/// serve best ([`QUANT_MAX_ROWS`]), else the f32 GEMM.
+/// serve best ([`blocks_serve`]), else the f32 GEMM.
 fn product(
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -296,7 +297,7 @@ fn product(
     rows: usize,
 ) -> Result<Vec<f32>> {
     let (out, inp) = weight.dims2()?;
-    let mut y = match quant.filter(|_| rows <= QUANT_MAX_ROWS) {
+    let mut y = match quant.filter(|_| blocks_serve(rows)) {
         Some(q) => {
             let mut y = vec![0f32; rows * out];
             q.product(x, rows, &mut y);
