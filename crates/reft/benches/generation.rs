@@ -44,22 +44,26 @@ fn main() -> reft::Result<()> {
     Ok(())
 }
 
+/// SmolLM2 from `path` with `opts`, quietly.
+fn load(path: &std::path::Path, dev: &Device, opts: &LoadOptions) -> reft::Result<LanguageModel> {
+    LanguageModel::load(path.to_str().expect("utf-8 path"), dev, opts, &mut |_| {})
+}
+
 /// Prefill and single-sequence decode, with f32 weights and with the GGUF blocks.
 fn single_stream(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
-    let dev = dev.clone();
     for quantized_decode in [false, true] {
         let opts = LoadOptions {
             quantized_decode,
             ..Default::default()
         };
         let t0 = Instant::now();
-        let lm = LanguageModel::load(path.to_str().expect("utf-8 path"), &dev, &opts, &mut |_| {})?;
+        let lm = load(path, dev, &opts)?;
         let load_s = t0.elapsed().as_secs_f64();
         let text =
             "The history of the city began long ago, when travellers crossed the river. ".repeat(8);
         let prompt = lm.tokenizer.encode(&text)?;
         let prompt = &prompt[..prompt.len().min(128)];
-        let ids = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+        let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
         let mut prefill = Vec::new();
         for _ in 0..runs {
             let t = Instant::now();
@@ -118,12 +122,7 @@ fn single_stream(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Res
 /// LoReFT at layer 15 on the last prompt token, interleaved runs.
 fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
     use reft::adapter::{Adapter, AdapterConfig, AdapterSpec, BaseModel};
-    let lm = LanguageModel::load(
-        path.to_str().expect("utf-8 path"),
-        dev,
-        &LoadOptions::default(),
-        &mut |_| {},
-    )?;
+    let lm = load(path, dev, &LoadOptions::default())?;
     let spec: AdapterSpec = serde_json::from_str(
         r#"{"interventions": [{"kind": "loreft", "layers": 15, "rank": 4, "positions": "l1"}]}"#,
     )
@@ -191,12 +190,7 @@ fn adapter_overhead(path: &std::path::Path, dev: &Device, runs: usize) -> reft::
 /// about the number N.", 64 greedy tokens, no stop tokens so every sequence runs its budget), the
 /// way the server's continuous batch decodes: the prompt pass is timed alone and subtracted.
 fn batched_decode(path: &std::path::Path, dev: &Device, runs: usize) -> reft::Result<()> {
-    let lm = LanguageModel::load(
-        path.to_str().expect("utf-8 path"),
-        dev,
-        &LoadOptions::default(),
-        &mut |_| {},
-    )?;
+    let lm = load(path, dev, &LoadOptions::default())?;
     let new_tokens = 64;
     // REFT_BENCH_SEQS=4,32 picks the batch sizes.
     let sizes: Vec<usize> = std::env::var("REFT_BENCH_SEQS")

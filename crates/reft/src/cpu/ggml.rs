@@ -165,13 +165,6 @@ impl QuantWeight {
             }
             .into());
         }
-        if rows == 0 {
-            return Ok(Tensor::zeros(
-                (0, self.out_dim),
-                candle_core::DType::F32,
-                x.device(),
-            )?);
-        }
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; rows * self.out_dim];
         self.product(&xs, rows, &mut out);
@@ -194,6 +187,13 @@ impl QuantWeight {
         if rows == 0 || self.out_dim == 0 {
             return;
         }
+        // Per-block sums of x, for the one-row kernel's min/offset terms (the tile kernel
+        // dequantizes whole blocks instead).
+        let sums: Vec<f32> = if self.uses_tiles(rows) {
+            Vec::new()
+        } else {
+            xs.chunks_exact(32).map(|c| c.iter().sum()).collect()
+        };
         let parts = crate::cpu::team::parts();
         let per_part = self.out_dim.div_ceil(parts);
         let dst = Columns {
@@ -203,7 +203,7 @@ impl QuantWeight {
         crate::cpu::team::for_each_part(&|part| {
             let js = (part * per_part).min(self.out_dim)..((part + 1) * per_part).min(self.out_dim);
             // SAFETY: `out` is `[rows, out_dim]`; each part writes only its own columns `js`.
-            unsafe { self.product_part(xs, rows, js, dst) };
+            unsafe { self.product_part(xs, &sums, rows, js, dst) };
         });
     }
 
@@ -214,15 +214,16 @@ impl QuantWeight {
     unsafe fn product_part(
         &self,
         xs: &[f32],
+        sums: &[f32],
         rows: usize,
         js: std::ops::Range<usize>,
         dst: Columns,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            if rows > 1 && avx512_available() {
-                // SAFETY: the CPU supports the features the tile kernel enables (checked); the
-                // caller's contract on `dst` is passed on.
+            if self.uses_tiles(rows) {
+                // SAFETY: the CPU supports the features the tile kernel enables (checked by
+                // `uses_tiles`); the caller's contract on `dst` is passed on.
                 unsafe { self.tiles_avx512(xs, rows, js, dst) };
                 return;
             }
@@ -230,8 +231,6 @@ impl QuantWeight {
         let in_dim = self.in_dim;
         let nb = in_dim / 32;
         let vb = self.format.value_bytes() * nb;
-        // Per-block sums of x, for the min/offset terms.
-        let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
         for j in js {
             let row = self.row(j, nb, vb);
             for r in 0..rows {
@@ -240,6 +239,19 @@ impl QuantWeight {
                 // SAFETY: (r, j) is inside `dst` (the caller's contract).
                 unsafe { dst.write(r, j, v) };
             }
+        }
+    }
+
+    /// Whether a product of `rows` rows takes the multi-row kernel (AVX-512, more than one row).
+    fn uses_tiles(&self, rows: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            rows > 1 && avx512_available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = rows;
+            false
         }
     }
 
@@ -381,7 +393,6 @@ unsafe fn dot_avx512(format: BlockFormat, row: &Row, x: &[f32], sums: &[f32]) ->
     unsafe {
         let vb = format.value_bytes();
         let (xp, vp) = (x.as_ptr(), row.values.as_ptr());
-        let nibbles = _mm_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(), _mm512_setzero_ps()];
         let mut offset = _mm512_setzero_ps();
         let mut d = [0f32; 16];
@@ -415,25 +426,45 @@ unsafe fn dot_avx512(format: BlockFormat, row: &Row, x: &[f32], sums: &[f32]) ->
                 // Stream ahead: the hardware prefetcher stops at page boundaries, and rows of
                 // the next weight follow this one contiguously.
                 _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_BYTES) as *const i8);
-                let (lo, hi) = if format == BlockFormat::Q8_0 {
-                    (
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(q as *const __m128i)),
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16) as *const __m128i)),
-                    )
-                } else {
-                    let q = _mm_loadu_si128(q as *const __m128i);
-                    (
-                        _mm512_cvtepu8_epi32(_mm_and_si128(q, nibbles)),
-                        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), nibbles)),
-                    )
-                };
-                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(xb));
-                let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(xb.add(16)), s);
+                let (lo, hi) = unpack_block(format, q);
+                let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+                let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), s);
                 acc[k & 1] = _mm512_fmadd_ps(_mm512_set1_ps(d[k]), s, acc[k & 1]);
             }
             g += n;
         }
         _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), offset))
+    }
+}
+
+/// One block's 32 stored values as f32, values 0–15 and 16–31 (Q4: the low and high nibbles of
+/// the 16 bytes; Q8: the signed bytes).
+///
+/// # Safety
+/// `q` must point to the block's `value_bytes` bytes, and the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn unpack_block(
+    format: BlockFormat,
+    q: *const u8,
+) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (lo, hi) = if format == BlockFormat::Q8_0 {
+            (
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(q as *const __m128i)),
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16) as *const __m128i)),
+            )
+        } else {
+            let nibbles = _mm_set1_epi8(0x0F);
+            let q = _mm_loadu_si128(q as *const __m128i);
+            (
+                _mm512_cvtepu8_epi32(_mm_and_si128(q, nibbles)),
+                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), nibbles)),
+            )
+        };
+        (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
     }
 }
 
@@ -484,27 +515,15 @@ unsafe fn tile<const R: usize>(
     unsafe {
         let vb = format.value_bytes();
         let (xp, vp) = (x.as_ptr(), row.values.as_ptr());
-        let nibbles = _mm_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let q = vp.add(b * vb);
             _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_BYTES) as *const i8);
-            let (lo, hi) = if format == BlockFormat::Q8_0 {
-                (
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(q as *const __m128i)),
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16) as *const __m128i)),
-                )
-            } else {
-                let q = _mm_loadu_si128(q as *const __m128i);
-                (
-                    _mm512_cvtepu8_epi32(_mm_and_si128(q, nibbles)),
-                    _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), nibbles)),
-                )
-            };
+            let (lo, hi) = unpack_block(format, q);
             let d = _mm512_set1_ps(*scales.get_unchecked(b));
             let m = _mm512_set1_ps(*scales.get_unchecked(nb + b));
-            let wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m);
-            let whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m);
+            let wlo = _mm512_fmadd_ps(lo, d, m);
+            let whi = _mm512_fmadd_ps(hi, d, m);
             for (i, a) in acc.iter_mut().enumerate() {
                 let xb = xp.add(i * in_dim + b * 32);
                 *a = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), *a);

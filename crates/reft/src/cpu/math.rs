@@ -147,16 +147,28 @@ unsafe impl Sync for SendPtr {}
 /// `x · W[out, in]ᵀ` for `rows` rows of `x`.
 pub(crate) fn linear(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
     let mut y = vec![0f32; rows * out];
+    linear_into(&mut y, x, w, (rows, inp, out), false);
+    y
+}
+
+/// `dst (+)= x · W[out, in]ᵀ`: the product behind [`linear`], [`linear_acc`] and
+/// [`linear_bias`].
+fn linear_into(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    accumulate: bool,
+) {
     mm(
-        &mut y,
+        dst,
         out,
         View::rows(x, inp),
         View::t(w, inp),
         (rows, out, inp),
-        false,
+        accumulate,
         true,
     );
-    y
 }
 
 /// `dst (+)= g · W[out, in]` (the input gradient of a frozen linear).
@@ -224,15 +236,7 @@ pub(crate) fn linear_acc(
     inp: usize,
     out: usize,
 ) {
-    mm(
-        dst,
-        out,
-        View::rows(x, inp),
-        View::t(w, inp),
-        (rows, out, inp),
-        true,
-        true,
-    );
+    linear_into(dst, x, w, (rows, inp, out), true);
 }
 
 /// `x += b` on every row of `x` (`b.len()` wide).

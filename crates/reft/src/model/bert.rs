@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::blocks::Norm;
-use super::{run_hook, Component, Hooks, Site, SiteContext};
+use super::{has_inner_hooks, hook_free_run_end, run_hook, Component, Hooks, Site, SiteContext};
 use crate::cpu::encoder_fused::{EncoderGeometry, EncoderLayerWeights, FusedEncoderLayers};
 use crate::ops::{softmax_last_dim, FrozenLinear, FusedLinears};
 use crate::weights::{LoadContext, WeightSource};
@@ -384,22 +384,13 @@ impl Encoder {
             false => None,
         };
         let n_layers = self.layers.len();
-        let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
-        let inner_hooks =
-            |l: usize| at(l, Component::AttentionOutput) || at(l, Component::MlpOutput);
+        let inner_hooks = |l: usize| has_inner_hooks(&sites, l);
         let mut l = 0;
         while l < n_layers {
             h = hook(l, Component::BlockInput, h)?;
             if let Some(geo) = geo.as_ref().filter(|_| !inner_hooks(l)) {
                 // A run of layers with no hook inside: one fused op.
-                let mut end = l + 1;
-                while end < n_layers
-                    && !inner_hooks(end)
-                    && !at(end - 1, Component::BlockOutput)
-                    && !at(end, Component::BlockInput)
-                {
-                    end += 1;
-                }
+                let end = hook_free_run_end(&sites, l, n_layers);
                 h = self.fused_run(l..end, &h, geo)?;
                 h = hook(end - 1, Component::BlockOutput, h)?;
                 l = end;

@@ -16,7 +16,7 @@ use super::llama::Decoder;
 use super::KvCache;
 use crate::cpu::blocks_serve;
 use crate::cpu::ggml::QuantWeight;
-use crate::cpu::math::{exp_shifted, f32s, linear, mm, rms_norm, rope, swiglu, View};
+use crate::cpu::math::{add_rows, exp_shifted, f32s, linear, mm, rms_norm, rope, swiglu, View};
 use crate::ops::FrozenLinear;
 use crate::{Error, Result};
 
@@ -92,7 +92,11 @@ impl Decoder {
             ));
         };
         // Attention.
-        let (x, _) = rms_norm(hs, &in_norm.flatten_all()?.to_vec1::<f32>()?, d, eps);
+        let (x, _) = {
+            let w = in_norm.contiguous()?;
+            let (g, l) = w.storage_and_layout();
+            rms_norm(hs, f32s(&g, l)?, d, eps)
+        };
         let width = (nh + 2 * nkv) * hd;
         let qkv_ = &layer.attn.qkv;
         let mut qkv = product(qkv_.weight(), qkv_.bias(), qkv_.stacked_quant(), &x, b)?;
@@ -109,9 +113,13 @@ impl Decoder {
         )?;
         let attn = attend(&qkv, &k, &v, step, (nh, nkv, hd))?;
         let a = frozen(&layer.attn.o, &attn, b)?;
-        add_into(hs, &a);
+        add_rows(hs, &a);
         // Feed-forward.
-        let (x, _) = rms_norm(hs, &post_norm.flatten_all()?.to_vec1::<f32>()?, d, eps);
+        let (x, _) = {
+            let w = post_norm.contiguous()?;
+            let (g, l) = w.storage_and_layout();
+            rms_norm(hs, f32s(&g, l)?, d, eps)
+        };
         let gu = product(
             gate_up.weight(),
             gate_up.bias(),
@@ -125,14 +133,8 @@ impl Decoder {
             swiglu(a, &g[..inter], &g[inter..]);
         }
         let m = frozen(down, &act, b)?;
-        add_into(hs, &m);
+        add_rows(hs, &m);
         Ok(())
-    }
-}
-
-fn add_into(h: &mut [f32], x: &[f32]) {
-    for (a, &b) in h.iter_mut().zip(x) {
-        *a += b;
     }
 }
 
@@ -310,10 +312,7 @@ fn product(
         }
     };
     if let Some(bias) = bias {
-        let bias = bias.to_vec1::<f32>()?;
-        for row in y.chunks_mut(out) {
-            add_into(row, &bias);
-        }
+        add_rows(&mut y, &bias.to_vec1::<f32>()?);
     }
     Ok(y)
 }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use super::blocks::{Attention, Layer, Mlp, Norm, Weights};
 use super::config::{Arch, DecoderConfig};
 use super::decode_step::StepInput;
-use super::{run_hook, Component, Hooks, KvCache, Site, SiteContext};
+use super::{
+    has_inner_hooks, hook_free_run_end, run_hook, Component, Hooks, KvCache, Site, SiteContext,
+};
 use crate::cpu::fused::{FusedBlocks, FusedState, Geometry, LayerWeights};
 use crate::ops::softmax_last_dim;
 use crate::weights::{LoadContext, WeightSource};
@@ -224,27 +226,14 @@ impl Decoder {
         };
         let n_layers = self.cfg.num_layers;
         let eps = self.cfg.norm_eps;
-        let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
-        let inner_hooks =
-            |l: usize| at(l, Component::AttentionOutput) || at(l, Component::MlpOutput);
+        let inner_hooks = |l: usize| has_inner_hooks(&sites, l);
         let mut l = first_layer;
         while l < n_layers {
             h = hook(l, Component::BlockInput, h)?;
             if fused && h.track_op() && geo.is_none() {
                 geo = Some(self.fused_geometry(b, t, past, input.attention_mask, rope.as_ref())?);
             }
-            // The end of the run of layers from `l` with no hook inside.
-            let run_end = |l: usize| {
-                let mut end = l + 1;
-                while end < n_layers
-                    && !inner_hooks(end)
-                    && !at(end - 1, Component::BlockOutput)
-                    && !at(end, Component::BlockInput)
-                {
-                    end += 1;
-                }
-                end
-            };
+            let run_end = |l: usize| hook_free_run_end(&sites, l, n_layers);
             if let Some(geo) = geo
                 .as_ref()
                 .and_then(Option::as_ref)

@@ -119,6 +119,29 @@ impl PromptLayout {
     }
 }
 
+/// The end of the run of layers from `l` that no hook splits: no hook inside a layer (attention
+/// or MLP output) and none between consecutive layers. Such a run is one fused op (training)
+/// or one slice decode step.
+pub(crate) fn hook_free_run_end(sites: &[Site], l: usize, n_layers: usize) -> usize {
+    let at = |l: usize, c: Component| sites.contains(&Site::new(l, c));
+    let mut end = l + 1;
+    while end < n_layers
+        && !has_inner_hooks(sites, end)
+        && !at(end - 1, Component::BlockOutput)
+        && !at(end, Component::BlockInput)
+    {
+        end += 1;
+    }
+    end
+}
+
+/// Whether a hook sits inside layer `l` (at its attention or MLP output).
+pub(crate) fn has_inner_hooks(sites: &[Site], l: usize) -> bool {
+    [Component::AttentionOutput, Component::MlpOutput]
+        .into_iter()
+        .any(|c| sites.contains(&Site::new(l, c)))
+}
+
 /// Hands `h` to `hooks` at `site` when they asked for it (`sites`) and returns what flows on
 /// downstream: `h` itself, or the hooks' replacement after checking its shape.
 pub(crate) fn run_hook(
