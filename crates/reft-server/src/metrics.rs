@@ -66,6 +66,18 @@ fn text(state: &AppState) -> String {
             load(&s.prompt_tokens),
         ),
         (
+            "reft_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens whose keys and values were reused from the prefix cache.",
+            load(&s.prompt_tokens_cached),
+        ),
+        (
+            "reft_prefix_cache_bytes",
+            "gauge",
+            "Bytes of prompt-prefix keys and values kept for reuse.",
+            load(&s.prefix_cache_bytes),
+        ),
+        (
             "reft_generated_tokens_total",
             "counter",
             "Tokens generated.",

@@ -288,6 +288,7 @@ async fn an_api_key_guards_v1_and_a_full_queue_says_retry_after() {
     let limits = EngineLimits {
         max_running: 1,
         max_queue: 1,
+        ..EngineLimits::default()
     };
     let state = state_with(&[], opts, limits);
     let body = chat_body(BASE, "Hi", 2, false);

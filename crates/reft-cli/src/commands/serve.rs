@@ -44,6 +44,10 @@ pub struct Args {
     /// Requests waiting; more are answered 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
+    /// MiB of prompt-prefix keys and values kept for later requests that start with the same
+    /// tokens (a shared system prompt, earlier turns); 0 turns the reuse off.
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mib: usize,
     /// Largest max_tokens a request may ask for (also its default, within the context).
     #[arg(long, default_value_t = 2048)]
     max_tokens_limit: usize,
@@ -73,6 +77,7 @@ pub fn run(args: Args) -> Result<()> {
     let limits = EngineLimits {
         max_running: args.max_running,
         max_queue: args.max_queue,
+        prefix_cache_bytes: args.prefix_cache_mib << 20,
     };
     let addr = format_addr(&args.host, args.port);
     let (model, positions) = (args.model.clone(), args.pyreft_positions.clone());

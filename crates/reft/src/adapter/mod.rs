@@ -258,6 +258,19 @@ impl Adapter {
         Ok(c.positions()?.resolve(len, c.part))
     }
 
+    /// The first prompt position any intervention edits in a prompt of `len` tokens (`None`
+    /// when none does): the keys and values before it are the base model's own, so a cached
+    /// prefix up to there can be reused.
+    pub fn first_edited(&self, len: usize) -> Result<Option<usize>> {
+        let mut first: Option<usize> = None;
+        for i in 0..self.interventions.len() {
+            if let Some(&p) = self.positions_of(i, len)?.iter().min() {
+                first = Some(first.map_or(p, |f| f.min(p)));
+            }
+        }
+        Ok(first)
+    }
+
     /// pyreft-style parameter summary.
     pub fn parameter_summary(&self, model_params: usize) -> String {
         let n = self.num_parameters();

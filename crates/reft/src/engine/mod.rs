@@ -21,8 +21,10 @@ use crate::load::LanguageModel;
 use crate::model::NoHooks;
 use crate::{Error, Result};
 
+mod prefix_cache;
 mod stats;
 
+pub use prefix_cache::PrefixCache;
 pub use stats::{EngineStats, Histogram, HistogramSnapshot};
 
 /// What a client asks for: prompt ids, settings, and the adapters to apply (by name; none for
@@ -113,6 +115,9 @@ pub struct EngineLimits {
     pub max_running: usize,
     /// Requests waiting for a decode slot; a submission beyond this is refused.
     pub max_queue: usize,
+    /// Bytes of prompt-prefix keys and values kept for reuse by later requests that start
+    /// with the same tokens (see [`PrefixCache`]); 0 turns the reuse off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineLimits {
@@ -120,6 +125,7 @@ impl Default for EngineLimits {
         Self {
             max_running: 32,
             max_queue: 256,
+            prefix_cache_bytes: 1 << 30,
         }
     }
 }
@@ -179,6 +185,7 @@ impl Engine {
             waiting: Vec::new(),
             clients: BTreeMap::new(),
             next_tag: 0,
+            prefixes: PrefixCache::new(limits.prefix_cache_bytes),
         };
         let thread = std::thread::Builder::new()
             .name("reft-scheduler".into())
@@ -354,6 +361,8 @@ struct Scheduler {
     next_tag: u64,
     /// Adapters to remove once no waiting request needs them, with whom to tell.
     unloading: Vec<(String, Sender<Result<()>>)>,
+    /// Prompt prefixes computed so far, for requests that start with the same tokens.
+    prefixes: PrefixCache,
 }
 
 impl Scheduler {
@@ -495,6 +504,7 @@ impl Scheduler {
     /// the pass and put back after) editing only its own requests.
     fn prefill(&mut self, groups: &[Group]) -> Result<DecodeBatch> {
         let lm = Arc::clone(&self.model);
+        let reusable = self.reusable_lengths(groups);
         let requests: Vec<Request> = groups
             .iter()
             .flat_map(|(_, g)| g.iter())
@@ -529,21 +539,83 @@ impl Scheduler {
             }
             hooks.groups.push((set, keep));
         }
+        let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let reused = self.cached_prefixes(&prompts, &reusable);
+        let prefill = |hooks: &mut dyn crate::model::Hooks| {
+            DecodeBatch::prefill_reusing(&lm.decoder, &lm.tokenizer, requests, reused, hooks)
+        };
         let out = match missing {
             // The same adapter twice in one request, or one not registered.
             Some(n) => Err(Error::InvalidArgument(format!(
                 "adapter `{n}` is unknown or named twice in one request"
             ))),
-            None if hooks.groups.is_empty() => {
-                DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut NoHooks)
-            }
-            None => DecodeBatch::prefill(&lm.decoder, &lm.tokenizer, requests, &mut hooks),
+            None if hooks.groups.is_empty() => prefill(&mut NoHooks),
+            None => prefill(&mut hooks),
         };
         let adapters = hooks.groups.into_iter().flat_map(|(set, _)| set.adapters);
         for (n, a) in taken.into_iter().zip(adapters) {
             self.registry.insert(n.clone(), a);
         }
+        if let Ok(joining) = &out {
+            self.keep_prefixes(joining, &prompts, &reusable);
+        }
         out
+    }
+
+    /// Per request of `groups` (in order), how many of its prompt's first positions hold the
+    /// base model's own keys and values: those before the first position its adapters edit.
+    fn reusable_lengths(&self, groups: &[Group]) -> Vec<usize> {
+        let mut lens = Vec::new();
+        for (names, group) in groups {
+            for (_, s) in group {
+                let n = s.prompt.len();
+                let first = names
+                    .iter()
+                    .filter_map(|name| self.registry.get(name))
+                    .map(|a| a.first_edited(n).map(|f| f.unwrap_or(n)))
+                    .try_fold(n, |m, f| f.map(|f| m.min(f)));
+                // An adapter whose positions cannot be resolved fails in the prefill itself.
+                lens.push(first.unwrap_or(0));
+            }
+        }
+        lens
+    }
+
+    /// The longest cached prefix each prompt may reuse (leaving one token to run).
+    fn cached_prefixes(
+        &mut self,
+        prompts: &[Vec<u32>],
+        reusable: &[usize],
+    ) -> Vec<Option<crate::model::PrefixKv>> {
+        let mut reused = Vec::with_capacity(prompts.len());
+        for (p, &r) in prompts.iter().zip(reusable) {
+            let max = r.min(p.len().saturating_sub(1));
+            // A lookup that fails (it cannot, short of memory) only costs the reuse.
+            let hit = self.prefixes.lookup(p, max).ok().flatten();
+            if let Some(h) = &hit {
+                self.stats
+                    .prompt_tokens_cached
+                    .fetch_add(h.len, Ordering::SeqCst);
+            }
+            reused.push(hit);
+        }
+        reused
+    }
+
+    /// Caches the base-model part of each just-prefilled prompt that is not cached yet.
+    fn keep_prefixes(&mut self, joining: &DecodeBatch, prompts: &[Vec<u32>], reusable: &[usize]) {
+        for (row, (p, &r)) in prompts.iter().zip(reusable).enumerate() {
+            let prefix = &p[..r.min(p.len())];
+            if prefix.is_empty() || self.prefixes.cached_len(prefix) == prefix.len() {
+                continue;
+            }
+            if let Ok(kv) = joining.prompt_kv(row, prefix.len()) {
+                let _ = self.prefixes.insert(prefix, &kv);
+            }
+        }
+        self.stats
+            .prefix_cache_bytes
+            .store(self.prefixes.used_bytes(), Ordering::SeqCst);
     }
 
     /// One decode step, routing events to their clients; clients that went away are cancelled.

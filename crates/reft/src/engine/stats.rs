@@ -14,6 +14,10 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     /// Prompt tokens prefilled so far.
     pub prompt_tokens: AtomicUsize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of a prefill.
+    pub prompt_tokens_cached: AtomicUsize,
+    /// Bytes the prefix cache holds.
+    pub prefix_cache_bytes: AtomicUsize,
     /// Tokens generated so far.
     pub generated_tokens: AtomicUsize,
     /// Requests cancelled because their client went away.

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use super::{advance, drop_partial_char, flush, last_logits, FinishReason, Generation};
 use super::{GenerationConfig, PaddingLayout, Sampler, SeqState};
 use crate::model::llama::ForwardInput;
-use crate::model::{Decoder, Hooks, KvCache, PromptLayout};
+use crate::model::{Decoder, Hooks, KvCache, PrefixKv, PromptLayout};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -122,41 +122,89 @@ impl DecodeBatch {
         requests: Vec<Request>,
         hooks: &mut dyn Hooks,
     ) -> Result<Self> {
+        let none = vec![None; requests.len()];
+        Self::prefill_reusing(model, tokenizer, requests, none, hooks)
+    }
+
+    /// [`prefill`](Self::prefill), where each request may start from the cached keys and
+    /// values of its first positions (`reused[i]`, computed by the same model for the same
+    /// tokens), so that only the rest of its prompt runs. `hooks` must edit no reused position:
+    /// their edits would not reach the reused keys and values.
+    ///
+    /// Row `i` is laid out as `[padding][its reused prefix]` in the cache, then
+    /// `[padding][the rest of its prompt]` in the pass, so that every row's prompt ends in the
+    /// same column; the hooks see a prompt of the full length whose left padding is the row's
+    /// two runs of padding together, which places every position past the prefix in its column.
+    pub fn prefill_reusing(
+        model: &Decoder,
+        tokenizer: &Tokenizer,
+        requests: Vec<Request>,
+        reused: Vec<Option<PrefixKv>>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Self> {
         let mut batch = Self::new(model, tokenizer);
         if requests.is_empty() {
             return Ok(batch);
         }
-        let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
-        if prompts.iter().any(Vec::is_empty) {
+        if requests.iter().any(|r| r.prompt.is_empty()) {
             return Err(Error::InvalidArgument(
                 "cannot generate from an empty prompt".into(),
             ));
         }
-        let layout = PaddingLayout::left(&prompts);
         let limit = model.context_limit();
-        if let (Some(n), Some(long)) = (limit, prompts.iter().map(Vec::len).max()) {
+        if let (Some(n), Some(long)) = (limit, requests.iter().map(|r| r.prompt.len()).max()) {
             if long >= n {
                 return Err(Error::InvalidArgument(format!(
                     "a prompt of {long} tokens leaves no room in the model's context of {n} positions"
                 )));
             }
         }
-        let (b, width) = (prompts.len(), layout.width);
+        let cached: Vec<usize> = reused
+            .iter()
+            .map(|p| p.as_ref().map_or(0, |p| p.len))
+            .collect();
+        if requests
+            .iter()
+            .zip(&cached)
+            .any(|(r, &c)| c >= r.prompt.len())
+        {
+            return Err(Error::InvalidArgument(
+                "a reused prefix must leave at least one prompt token to run".into(),
+            ));
+        }
+        let rest: Vec<Vec<u32>> = requests
+            .iter()
+            .zip(&cached)
+            .map(|(r, &c)| r.prompt[c..].to_vec())
+            .collect();
+        let layout = PaddingLayout::left(&rest);
+        let (b, width) = (rest.len(), layout.width);
+        let past = cached.iter().copied().max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b * width);
         let mut positions = Vec::with_capacity(b);
-        for (p, &pad) in prompts.iter().zip(&layout.left_pad) {
+        let mut hook_pad = Vec::with_capacity(b);
+        for ((p, &pad), &c) in rest.iter().zip(&layout.left_pad).zip(&cached) {
             ids.extend(std::iter::repeat_n(batch.pad_id, pad).chain(p.iter().copied()));
+            let real = |j: usize| (j >= past - c && j < past) || j >= past + pad;
             batch
                 .mask
-                .push((0..width).map(|j| u32::from(j >= pad)).collect());
-            positions.push((0..width).map(|j| j.saturating_sub(pad) as u32).collect());
+                .push((0..past + width).map(|j| u32::from(real(j))).collect());
+            positions.push(
+                (0..width)
+                    .map(|j| (c + j).saturating_sub(pad) as u32)
+                    .collect(),
+            );
+            hook_pad.push(past - c + pad);
         }
         hooks.prepare(&PromptLayout {
-            prompt_lens: prompts.iter().map(Vec::len).collect(),
-            left_pad: layout.left_pad.clone(),
+            prompt_lens: requests.iter().map(|r| r.prompt.len()).collect(),
+            left_pad: hook_pad,
         })?;
+        if past > 0 {
+            batch.cache = prefix_rows(model.config().num_layers, &reused, past)?;
+        }
         let ids = Tensor::from_vec(ids, (b, width), model.device())?;
-        let any_pad = layout.left_pad.iter().any(|&p| p > 0);
+        let any_pad = past > 0 || layout.left_pad.iter().any(|&p| p > 0);
         let input = ForwardInput {
             input_ids: &ids,
             attention_mask: any_pad.then_some(batch.mask.as_slice()),
@@ -189,6 +237,34 @@ impl DecodeBatch {
             });
         }
         Ok(batch)
+    }
+
+    /// The keys and values of row `row`'s first `len` positions (real tokens only), copied out
+    /// of the batch's cache; for caching a prompt prefix right after its prefill.
+    pub fn prompt_kv(&self, row: usize, len: usize) -> Result<PrefixKv> {
+        let columns: Vec<u32> = self.mask[row]
+            .iter()
+            .enumerate()
+            .filter(|(_, &m)| m != 0)
+            .map(|(j, _)| j as u32)
+            .take(len)
+            .collect();
+        if columns.len() < len {
+            return Err(Error::InvalidArgument(format!(
+                "row {row} holds {} positions, not {len}",
+                columns.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(self.cache.num_layers());
+        for l in 0..self.cache.num_layers() {
+            let (k, v) = self.cache.layer(l).ok_or_else(|| {
+                Error::InvalidArgument(format!("the batch's cache misses layer {l}"))
+            })?;
+            let idx = Tensor::from_vec(columns.clone(), len, k.device())?;
+            let pick = |t: &Tensor| t.narrow(0, row, 1)?.contiguous()?.index_select(&idx, 2);
+            layers.push((pick(&k)?, pick(&v)?));
+        }
+        Ok(PrefixKv { len, layers })
     }
 
     /// Takes in the sequences of `other`, which decode with this batch's from the next step.
@@ -348,6 +424,38 @@ impl DecodeBatch {
         }
         Ok(())
     }
+}
+
+/// A cache of `past` positions per row holding each row's reused prefix right-aligned after
+/// zeros (`None`: all zeros, masked as padding).
+fn prefix_rows(num_layers: usize, reused: &[Option<PrefixKv>], past: usize) -> Result<KvCache> {
+    let missing = |l: usize| Error::InvalidArgument(format!("a reused prefix misses layer {l}"));
+    let proto = reused.iter().flatten().next().ok_or_else(|| missing(0))?;
+    let mut layers = Vec::with_capacity(num_layers);
+    for l in 0..num_layers {
+        let (k0, _) = proto.layers.get(l).ok_or_else(|| missing(l))?;
+        let (_, h, _, d) = k0.dims4()?;
+        let (mut ks, mut vs) = (
+            Vec::with_capacity(reused.len()),
+            Vec::with_capacity(reused.len()),
+        );
+        for p in reused {
+            match p {
+                Some(p) => {
+                    let (k, v) = p.layers.get(l).ok_or_else(|| missing(l))?;
+                    ks.push(k.pad_with_zeros(2, past - p.len, 0)?);
+                    vs.push(v.pad_with_zeros(2, past - p.len, 0)?);
+                }
+                None => {
+                    let zeros = Tensor::zeros((1, h, past, d), k0.dtype(), k0.device())?;
+                    ks.push(zeros.clone());
+                    vs.push(zeros);
+                }
+            }
+        }
+        layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+    }
+    Ok(KvCache::from_layers(layers))
 }
 
 /// Marks `n` new leading positions of every row as padding.

@@ -4,6 +4,16 @@ use candle_core::Tensor;
 
 use crate::Result;
 
+/// One sequence's keys and values at its first `len` positions (a prompt prefix cached for
+/// reuse, say): one `(k, v)` per layer, each `[1, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct PrefixKv {
+    /// Positions covered.
+    pub len: usize,
+    /// Per layer, its keys and values.
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
 /// Keys and values of every layer for the tokens seen so far, `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::Result;
 
 pub use config::{Arch, DecoderConfig};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, PrefixKv};
 pub use llama::Decoder;
 
 /// Which tensor of a layer a hook sees (SPEC §3).

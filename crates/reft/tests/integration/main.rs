@@ -17,6 +17,7 @@ mod hub_cache;
 mod loading;
 mod memorisation;
 mod parity;
+mod prefix_reuse;
 mod pyreft_files;
 mod pyreft_interop;
 mod torch_bin;
