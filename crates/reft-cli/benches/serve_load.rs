@@ -7,7 +7,8 @@
 //! `cargo bench -p reft-cli --bench serve_load [-- --repeats N] [-- --peer HOST:PORT]`: with
 //! `--peer`, the same base-model load goes to an OpenAI-compatible server already running there
 //! (llama.cpp's `llama-server` on the same GGUF, say) instead; `--model NAME` sets the `model`
-//! field it is sent (default: reft's default model's name).
+//! field it is sent (default: reft's default model's name). `--server-args "FLAGS"` adds
+//! flags to every `reft serve` it starts (`"--prefix-cache-mib 0"` turns prefix reuse off).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -207,6 +208,10 @@ impl Server {
     fn start(adapters: &[(String, PathBuf)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_reft"));
         cmd.args(["serve", "--port", "0", "--max-running", "32"]);
+        // `-- --server-args "--prefix-cache-mib 0"`: extra `reft serve` flags, for A/B runs.
+        if let Some(extra) = arg("--server-args") {
+            cmd.args(extra.split_whitespace());
+        }
         for (name, dir) in adapters {
             cmd.arg("--adapter")
                 .arg(format!("{name}={}", dir.display()));

@@ -41,6 +41,11 @@ enum Command {
     /// Serve the model and adapters over HTTP with OpenAI's API (chat and text completions,
     /// streaming, /v1/models, run-time adapter loading), /metrics, and a chat page at `/`.
     Serve(Box<commands::serve::Args>),
+    /// Search layers, positions and training settings on a dev split (TPE with ASHA early
+    /// stopping); journal every trial (resumable), keep the best adapter, write summary.md and
+    /// sweep.png, and score a test split once for the best trial.
+    #[command(override_usage = "reft sweep --space space.toml --data FILE --out DIR [OPTIONS]")]
+    Sweep(Box<commands::sweep::Args>),
     /// Print the token ids of a text as a JSON array (no special tokens added).
     Tokenize(commands::tokenize::Args),
     /// Inspect adapters; convert between reft and pyreft folders.
@@ -58,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => commands::generate::run(a),
         Command::Chat(a) => commands::chat::run(a),
         Command::Serve(a) => commands::serve::run(*a),
+        Command::Sweep(a) => commands::sweep::run(*a),
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Adapter(c) => commands::adapter::run(c),
     };

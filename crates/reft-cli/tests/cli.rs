@@ -1162,3 +1162,145 @@ fn gpt2_folder_generates_trains_and_evaluates() {
         "{err}"
     );
 }
+
+/// `reft sweep` on tiny-gpt2: a TPE + ASHA sweep journals every trial, keeps the best adapter
+/// (loadable), writes summary.md and sweep.png and scores the test split once; `--resume`
+/// of a finished sweep runs nothing new, and a resume with other settings, a second sweep into
+/// the same folder and a space with an unknown key are refused. A choice sweep trains on
+/// question -> answer and scores accuracy.
+#[test]
+fn sweep_journals_keeps_the_best_adapter_and_resumes() {
+    let folder = gpt2_folder::tiny_gpt2_folder(&fixtures());
+    let model = folder.path().to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let space = tmp.path().join("space.toml");
+    std::fs::write(
+        &space,
+        "[fixed]\nrank = 2\n[search]\nlayers = [0, 1]\npositions = [\"l1\", \"f1+l1\"]\n\
+         lr = { float = [1e-3, 3e-2], log = true }\nepochs = { int = [1, 3] }\n",
+    )
+    .unwrap();
+    let data = fixtures().join("quickstart_emoji.jsonl");
+    let out = tmp.path().join("sweep");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "sweep",
+            "--model",
+            model,
+            "--space",
+            space.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--data-range",
+            "0..8",
+            "--eval-range",
+            "8..10",
+            "--test-range",
+            "0..3",
+            "--template",
+            "raw",
+            "--trials",
+            "6",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--out") {
+            v.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+        }
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        reft(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(line["trials"], 6);
+    assert!(line["eval_loss"].as_f64().unwrap() > 0.0);
+    assert!(line["test"].as_f64().unwrap() > 0.0);
+    let journal = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let trials: std::collections::BTreeSet<u64> = records
+        .iter()
+        .map(|r| r["trial"].as_u64().unwrap())
+        .collect();
+    assert_eq!(trials.len(), 6);
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("Best: trial"), "{summary}");
+    assert!(summary.contains("test split"), "{summary}");
+    assert!(summary.contains("### `lr`"), "{summary}");
+    let png = png::Decoder::new(std::fs::File::open(out.join("sweep.png")).unwrap());
+    assert!(png.read_info().unwrap().info().width >= 320);
+    let best = out.join("best");
+    reft_ok(&[
+        "generate",
+        "--model",
+        model,
+        "--adapter",
+        best.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    // Resume of a finished sweep: nothing new; other settings or no --resume: refused.
+    let o = run(&["--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(0 run now, 6 from the journal)"));
+    let o = run(&["--resume", "--seed", "7"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+    let o = run(&[]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds a sweep already"));
+    std::fs::write(&space, "[search]\nlayer = [0, 1]\n").unwrap();
+    let o = run(&["--out", tmp.path().join("other").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown key `layer`"));
+
+    // Multiple choice: 12 made-up items, the answer always the option that repeats the question.
+    let items: String = (0..12)
+        .map(|i| {
+            let q = format!("w{i}");
+            let choices = [format!("x{i}"), q.clone(), format!("y{i}")];
+            format!(
+                "{}\n",
+                serde_json::json!({"question": q, "choices": choices, "answer": 1})
+            )
+        })
+        .collect();
+    let choice = tmp.path().join("choice.jsonl");
+    std::fs::write(&choice, items).unwrap();
+    std::fs::write(&space, "[search]\nlayers = [0, 1]\n").unwrap();
+    let out = tmp.path().join("choice-sweep");
+    let o = reft(&[
+        "sweep",
+        "--model",
+        model,
+        "--space",
+        space.to_str().unwrap(),
+        "--data",
+        choice.to_str().unwrap(),
+        "--metric",
+        "choice_accuracy",
+        "--mode",
+        "grid",
+        "--template",
+        "raw",
+        "--eval-fraction",
+        "0.25",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(line["trials"], 2);
+    let acc = line["choice_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+}

@@ -93,6 +93,10 @@ pub enum Error {
     /// The serving engine refused a request (unknown adapter, full queue, …).
     #[error(transparent)]
     Refused(#[from] crate::engine::Refusal),
+
+    /// A sweep's space file or journal is unusable.
+    #[error(transparent)]
+    Sweep(#[from] crate::sweep::SweepError),
 }
 
 /// An I/O error in words; a missing file or folder "does not exist".

@@ -25,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod position;
 pub mod quickstart;
+pub mod sweep;
 pub mod template;
 pub mod tokenizer;
 pub mod torch_file;

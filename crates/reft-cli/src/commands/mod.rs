@@ -8,6 +8,8 @@ pub mod generate;
 pub mod plot;
 pub mod quickstart;
 pub mod serve;
+pub mod sweep;
+mod sweep_plot;
 pub mod tokenize;
 pub mod train;
 

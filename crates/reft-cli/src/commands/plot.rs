@@ -7,6 +7,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use reft::train::StepMetrics;
 
+pub use super::sweep_plot::sweep_png;
+
 const W: usize = 640;
 const H: usize = 360;
 const MARGIN: usize = 24;
@@ -37,17 +39,63 @@ fn glyph(c: char) -> Option<[u8; 5]> {
         'p' => [0, 7, 5, 7, 4],
         'l' => [6, 2, 2, 2, 7],
         'o' => [0, 7, 5, 5, 7],
+        '_' => [0, 0, 0, 0, 7],
+        '+' => [0, 2, 7, 2, 0],
+        '=' => [0, 7, 0, 7, 0],
+        ':' => [0, 2, 0, 2, 0],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        '/' => [1, 1, 2, 4, 4],
+        c if c.is_ascii_alphabetic() => letter(c.to_ascii_uppercase())?,
         _ => return None,
     })
 }
 
+/// Capital letters, for labels beyond the loss plot's few lower-case ones.
+fn letter(c: char) -> Option<[u8; 5]> {
+    const CAPS: [[u8; 5]; 26] = [
+        [2, 5, 7, 5, 5],
+        [6, 5, 6, 5, 6],
+        [3, 4, 4, 4, 3],
+        [6, 5, 5, 5, 6],
+        [7, 4, 6, 4, 7],
+        [7, 4, 6, 4, 4],
+        [3, 4, 5, 5, 3],
+        [5, 5, 7, 5, 5],
+        [7, 2, 2, 2, 7],
+        [1, 1, 1, 5, 2],
+        [5, 5, 6, 5, 5],
+        [4, 4, 4, 4, 7],
+        [5, 7, 7, 5, 5],
+        [6, 5, 5, 5, 5],
+        [2, 5, 5, 5, 2],
+        [6, 5, 6, 4, 4],
+        [2, 5, 5, 6, 3],
+        [6, 5, 6, 5, 5],
+        [3, 4, 2, 1, 6],
+        [7, 2, 2, 2, 2],
+        [5, 5, 5, 5, 7],
+        [5, 5, 5, 5, 2],
+        [5, 5, 7, 7, 5],
+        [5, 5, 2, 5, 5],
+        [5, 5, 2, 2, 2],
+        [7, 1, 2, 4, 7],
+    ];
+    CAPS.get((c as u8).checked_sub(b'A')? as usize).copied()
+}
+
 /// Width in pixels of `text` drawn by [`draw_text`].
-fn text_width(text: &str) -> usize {
+pub(super) fn text_width(text: &str) -> usize {
     text.chars().count() * 4 * SCALE
 }
 
 /// Draws `text` with its top-left corner at (x, y).
-fn draw_text(put: &mut impl FnMut(usize, usize, [u8; 3]), text: &str, x: usize, y: usize) {
+pub(super) fn draw_text(
+    put: &mut impl FnMut(usize, usize, [u8; 3]),
+    text: &str,
+    x: usize,
+    y: usize,
+) {
     for (i, c) in text.chars().enumerate() {
         let Some(rows) = glyph(c) else { continue };
         for (r, bits) in rows.iter().enumerate() {
@@ -69,7 +117,7 @@ fn draw_text(put: &mut impl FnMut(usize, usize, [u8; 3]), text: &str, x: usize, 
 }
 
 /// A tick label: up to three significant digits, no exponent for everyday losses.
-fn tick(v: f64) -> String {
+pub(super) fn tick(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
     }
@@ -148,12 +196,17 @@ pub fn loss_png(metrics: &[StepMetrics], path: &Path) -> Result<()> {
             }
         }
     }
+    write_png(path, &px, W, H)
+}
+
+/// Writes RGB pixels `w` × `h` as a PNG file.
+pub(super) fn write_png(path: &Path, px: &[u8], w: usize, h: usize) -> Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    enc.write_header()?.write_image_data(&px)?;
+    enc.write_header()?.write_image_data(px)?;
     Ok(())
 }
 

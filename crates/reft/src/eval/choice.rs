@@ -155,6 +155,56 @@ pub struct ChoiceReport {
     pub predictions: Vec<usize>,
 }
 
+/// The prompt ids of `question` in `format`, and what goes between it and an option.
+fn question_ids(
+    lm: &LanguageModel,
+    question: &str,
+    format: ChoiceFormat,
+) -> Result<(Vec<u32>, &'static str)> {
+    let (prompt, sep) = match format {
+        ChoiceFormat::Raw => (format!("Question: {question}\nAnswer:"), " "),
+        ChoiceFormat::Chat => (
+            lm.chat_template
+                .render(&[Message::new("user", question.to_string())], true)?,
+            "",
+        ),
+        ChoiceFormat::Alpaca => (alpaca_prompt(question, None), ""),
+    };
+    let template = match format {
+        ChoiceFormat::Chat => Template::Chat,
+        _ => Template::Raw,
+    };
+    Ok((encode_prompt(lm, &prompt, template)?, sep))
+}
+
+/// `item` as a training example: the question shown as it is scored, the correct option (and
+/// EOS) as the response, so an adapter learns the likelihoods the scoring compares.
+pub fn training_example(
+    lm: &LanguageModel,
+    item: &ChoiceItem,
+    format: ChoiceFormat,
+) -> Result<crate::data::Example> {
+    let (prompt_ids, sep) = question_ids(lm, &item.question, format)?;
+    let answer = item.choices.get(item.answer).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "answer {} of a question with {} options",
+            item.answer,
+            item.choices.len()
+        ))
+    })?;
+    let mut response_ids = lm.tokenizer.encode(&format!("{sep}{answer}"))?;
+    response_ids.extend(lm.tokenizer.eos_ids.first());
+    if prompt_ids.is_empty() || response_ids.is_empty() {
+        return Err(Error::InvalidArgument(
+            "an empty question or answer after tokenisation".into(),
+        ));
+    }
+    Ok(crate::data::Example {
+        prompt_ids,
+        response_ids,
+    })
+}
+
 /// Summed log-likelihood of each option of `item` (in order).
 pub fn option_log_likelihoods(
     lm: &LanguageModel,
@@ -164,20 +214,7 @@ pub fn option_log_likelihoods(
 ) -> Result<Vec<f64>> {
     let dec = &lm.decoder;
     let dev = dec.device();
-    let (prompt, sep) = match format {
-        ChoiceFormat::Raw => (format!("Question: {}\nAnswer:", item.question), " "),
-        ChoiceFormat::Chat => (
-            lm.chat_template
-                .render(&[Message::new("user", item.question.clone())], true)?,
-            "",
-        ),
-        ChoiceFormat::Alpaca => (alpaca_prompt(&item.question, None), ""),
-    };
-    let template = match format {
-        ChoiceFormat::Chat => Template::Chat,
-        _ => Template::Raw,
-    };
-    let prompt_ids = encode_prompt(lm, &prompt, template)?;
+    let (prompt_ids, sep) = question_ids(lm, &item.question, format)?;
     let options: Vec<Vec<u32>> = item
         .choices
         .iter()

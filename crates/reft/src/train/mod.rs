@@ -8,7 +8,7 @@
 
 pub mod classify;
 pub mod optim;
-mod prefix;
+pub mod prefix;
 mod samples;
 
 use std::io::Write;
@@ -28,7 +28,7 @@ use crate::model::PromptLayout;
 use crate::{Error, Result};
 
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
-use prefix::PrefixCache;
+pub use prefix::{PrefixCache, PrefixCaches};
 pub use samples::{Sample, SAMPLE_TOKENS};
 
 /// Training hyper-parameters.
@@ -126,7 +126,7 @@ pub struct Trainer<'a> {
     cfg: TrainConfig,
     train: Vec<Example>,
     eval: Vec<Example>,
-    caches: Vec<Option<PrefixCache>>,
+    caches: PrefixCaches,
     step: usize,
     /// Every step so far.
     pub metrics: Vec<StepMetrics>,
@@ -144,11 +144,46 @@ impl<'a> Trainer<'a> {
     /// A trainer for `adapter` on `train` (and `eval`, held out).
     pub fn new(
         lm: &'a LanguageModel,
-        mut adapter: Adapter,
+        adapter: Adapter,
         train: Vec<Example>,
         eval: Vec<Example>,
         cfg: TrainConfig,
     ) -> Result<Self> {
+        let caches = match cfg.cache_prefix {
+            true => PrefixCache::build_all(lm, &adapter, &train, cfg.cache_budget_bytes)?,
+            false => PrefixCaches::new((0..train.len()).map(|_| None).collect()),
+        };
+        Self::with_caches(lm, adapter, train, eval, cfg, caches)
+    }
+
+    /// A trainer that uses `caches`, built by [`PrefixCache::build_all`] for `train` and an
+    /// adapter with the same [`PrefixCache::key`] on every example as `adapter` (refused
+    /// otherwise): trials of a sweep share them instead of each running the frozen model.
+    pub fn with_caches(
+        lm: &'a LanguageModel,
+        mut adapter: Adapter,
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: TrainConfig,
+        caches: PrefixCaches,
+    ) -> Result<Self> {
+        if caches.len() != train.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} prefix caches for {} training examples",
+                caches.len(),
+                train.len()
+            )));
+        }
+        for (i, (c, ex)) in caches.iter().zip(&train).enumerate() {
+            if let Some(c) = c {
+                if PrefixCache::key(lm, &adapter, ex)? != (c.start_layer, c.p0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "the prefix cache of training example {i} was built for another start \
+                         layer or first position"
+                    )));
+                }
+            }
+        }
         if train.is_empty() {
             return Err(Error::InvalidArgument("the training set is empty".into()));
         }
@@ -159,18 +194,6 @@ impl<'a> Trainer<'a> {
         }
         adapter.set_training(true);
         let opt = AdamW::new(adapter.vars(), cfg.optim)?;
-        let mut caches = Vec::with_capacity(train.len());
-        let mut used = 0usize;
-        for ex in &train {
-            let c = if cfg.cache_prefix && used < cfg.cache_budget_bytes {
-                let c = PrefixCache::build(lm, &adapter, ex)?;
-                used += c.bytes();
-                Some(c)
-            } else {
-                None
-            };
-            caches.push(c);
-        }
         Ok(Self {
             lm,
             adapter,
@@ -416,6 +439,15 @@ impl<'a> Trainer<'a> {
         Ok(Some(sum / n.max(1) as f64))
     }
 
+    /// Mean loss on `examples` instead of the held-out set given at construction (a sweep
+    /// scores its dev split only at its rungs, not after every epoch).
+    pub fn eval_loss_on(&mut self, examples: Vec<Example>) -> Result<Option<f64>> {
+        let held_out = std::mem::replace(&mut self.eval, examples);
+        let out = self.eval_loss();
+        self.eval = held_out;
+        out
+    }
+
     /// One optimiser step over the given micro-batches of example indices.
     fn optimiser_step(&mut self, micro: &[Vec<usize>], epoch_progress: f64) -> Result<StepMetrics> {
         let t0 = Instant::now();
@@ -487,9 +519,22 @@ impl<'a> Trainer<'a> {
 
     /// Runs to the end (or until `stop()` says so between steps), reporting through `on_event`.
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event), stop: &dyn Fn() -> bool) -> Result<()> {
+        self.run_until(self.total_steps(), on_event, stop)
+    }
+
+    /// Runs until `steps` optimiser steps are taken (at most the whole run), on the whole
+    /// run's schedule: a sweep trains a trial to each early-stopping rung this way and scores
+    /// it in between. The adapter is saved (with an output folder) when the run ends or stops.
+    pub fn run_until(
+        &mut self,
+        steps: usize,
+        on_event: &mut dyn FnMut(Event),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<()> {
         let spe = self.steps_per_epoch();
         let total = self.total_steps();
-        while self.step < total {
+        let end = steps.min(total);
+        while self.step < end {
             let epoch = self.step / spe;
             let in_epoch = self.step % spe;
             let order = self.order(epoch);
@@ -532,7 +577,7 @@ impl<'a> Trainer<'a> {
                 break;
             }
         }
-        if let Some(out) = &self.out {
+        if let Some(out) = self.out.as_ref().filter(|_| self.step == total || stop()) {
             self.adapter.save(out)?;
         }
         Ok(())

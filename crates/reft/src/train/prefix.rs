@@ -5,6 +5,8 @@
 //! entering the start layer at positions ≥ `p0`, and the keys/values of positions < `p0` at the
 //! layers from the start layer up.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use crate::adapter::Adapter;
@@ -26,9 +28,15 @@ pub struct PrefixCache {
     pub kv: KvCache,
 }
 
+/// The frozen prefixes of a training set (`None` for examples past the memory budget), shared
+/// by every trainer whose adapter has the same [`PrefixCache::key`] on each example: a sweep's
+/// trials that start at the same layer and position.
+pub type PrefixCaches = Arc<Vec<Option<PrefixCache>>>;
+
 impl PrefixCache {
-    /// Runs the frozen model once over the example.
-    pub fn build(lm: &LanguageModel, adapter: &Adapter, ex: &Example) -> Result<Self> {
+    /// `(start layer, first recomputed position)` of `adapter` on `ex`: what the cache holds
+    /// depends on nothing else, so adapters with equal keys share it.
+    pub fn key(lm: &LanguageModel, adapter: &Adapter, ex: &Example) -> Result<(usize, usize)> {
         let cfg = lm.decoder.config();
         let p = ex.prompt_ids.len();
         let start_layer = adapter
@@ -51,6 +59,36 @@ impl PrefixCache {
                 p0 = p0.min(first);
             }
         }
+        Ok((start_layer, p0))
+    }
+
+    /// The caches of `examples` for `adapter`, in order, until `budget_bytes` are held (the
+    /// rest run in full).
+    pub fn build_all(
+        lm: &LanguageModel,
+        adapter: &Adapter,
+        examples: &[Example],
+        budget_bytes: usize,
+    ) -> Result<PrefixCaches> {
+        let mut caches = Vec::with_capacity(examples.len());
+        let mut used = 0usize;
+        for ex in examples {
+            let c = if used < budget_bytes {
+                let c = Self::build(lm, adapter, ex)?;
+                used += c.bytes();
+                Some(c)
+            } else {
+                None
+            };
+            caches.push(c);
+        }
+        Ok(Arc::new(caches))
+    }
+
+    /// Runs the frozen model once over the example.
+    pub fn build(lm: &LanguageModel, adapter: &Adapter, ex: &Example) -> Result<Self> {
+        let cfg = lm.decoder.config();
+        let (start_layer, p0) = Self::key(lm, adapter, ex)?;
         let ids = ex.ids();
         let dev = lm.decoder.device();
         let t = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;

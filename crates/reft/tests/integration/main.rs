@@ -20,5 +20,6 @@ mod parity;
 mod prefix_reuse;
 mod pyreft_files;
 mod pyreft_interop;
+mod sweep;
 mod torch_bin;
 mod training;
