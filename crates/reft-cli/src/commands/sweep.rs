@@ -40,16 +40,17 @@ pub struct Args {
     /// --eval-data nor --eval-range is given].
     #[arg(long)]
     eval_fraction: Option<f64>,
-    /// Test data, scored once for the best trial after the search, never used to choose.
+    /// Test data, scored once for the best trial after the search, never used to choose
+    /// [default: none].
     #[arg(long)]
     test_data: Option<PathBuf>,
     /// Items A..B (0-based, end exclusive) of --data to train on [default: all].
     #[arg(long)]
     data_range: Option<String>,
-    /// Items A..B of --eval-data (else of --data) as the dev split.
+    /// Items A..B of --eval-data (else of --data) as the dev split [default: none].
     #[arg(long)]
     eval_range: Option<String>,
-    /// Items A..B of --test-data (else of --data) as the test split.
+    /// Items A..B of --test-data (else of --data) as the test split [default: none].
     #[arg(long)]
     test_range: Option<String>,
     /// What to maximise or minimise on the dev split: eval_loss, choice_accuracy (multiple
@@ -98,7 +99,7 @@ pub struct Args {
     /// Answer field of exact_match data (a string or a list of strings).
     #[arg(long, default_value = "answer")]
     answer_text_field: String,
-    /// Question, options and answer fields of choice data.
+    /// Question field of choice data.
     #[arg(long, default_value = "question")]
     question_field: String,
     /// Options field of choice data.
@@ -110,8 +111,9 @@ pub struct Args {
     /// Longest exact_match answer, in tokens.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
-    /// MiB of frozen prefix caches kept across trials (sets shared by trials with the same
-    /// lowest layer and first position).
+    /// MiB of the frozen pass over the training data (every layer's keys, values and input
+    /// states, shared by all trials), and as much again for a choice dev split's; examples past
+    /// it run in full.
     #[arg(long, default_value_t = 4096)]
     cache_mib: usize,
 }

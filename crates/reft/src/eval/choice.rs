@@ -205,6 +205,32 @@ pub fn training_example(
     })
 }
 
+/// Each option of `item` as an example: the question shown as it is scored, the option (no
+/// EOS) as the response, so that its summed cross-entropy is the option's negative
+/// log-likelihood as [`option_log_likelihoods`] computes it.
+pub fn option_examples(
+    lm: &LanguageModel,
+    item: &ChoiceItem,
+    format: ChoiceFormat,
+) -> Result<Vec<crate::data::Example>> {
+    let (prompt_ids, sep) = question_ids(lm, &item.question, format)?;
+    item.choices
+        .iter()
+        .map(|c| {
+            let response_ids = lm.tokenizer.encode(&format!("{sep}{c}"))?;
+            if prompt_ids.is_empty() || response_ids.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "an empty question or option after tokenisation".into(),
+                ));
+            }
+            Ok(crate::data::Example {
+                prompt_ids: prompt_ids.clone(),
+                response_ids,
+            })
+        })
+        .collect()
+}
+
 /// Summed log-likelihood of each option of `item` (in order).
 pub fn option_log_likelihoods(
     lm: &LanguageModel,
@@ -305,6 +331,22 @@ pub fn evaluate_choice(
     hooks: &mut dyn Hooks,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ChoiceReport> {
+    let mut scores = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        scores.push(option_log_likelihoods(lm, item, format, hooks)?);
+        progress(k + 1, items.len());
+    }
+    Ok(report_from_scores(items, format, &scores))
+}
+
+/// The report for items whose options have these summed log-likelihoods (`scores[i][j]`:
+/// option `j` of item `i`): each option's per byte (with the space before it in the raw
+/// format) for `accuracy`, the sums for `accuracy_unnormalized`.
+pub fn report_from_scores(
+    items: &[ChoiceItem],
+    format: ChoiceFormat,
+    scores: &[Vec<f64>],
+) -> ChoiceReport {
     let (mut norm, mut raw) = (0usize, 0usize);
     let mut predictions = Vec::with_capacity(items.len());
     let argmax = |v: &[f64]| -> usize {
@@ -312,9 +354,8 @@ pub fn evaluate_choice(
             .max_by(|&a, &b| v[a].total_cmp(&v[b]))
             .unwrap_or(0)
     };
-    for (k, item) in items.iter().enumerate() {
-        let ll = option_log_likelihoods(lm, item, format, hooks)?;
-        let sep = if format == ChoiceFormat::Raw { 1 } else { 0 };
+    let sep = if format == ChoiceFormat::Raw { 1 } else { 0 };
+    for (item, ll) in items.iter().zip(scores) {
         let per_byte: Vec<f64> = ll
             .iter()
             .zip(&item.choices)
@@ -322,14 +363,13 @@ pub fn evaluate_choice(
             .collect();
         predictions.push(argmax(&per_byte));
         norm += usize::from(argmax(&per_byte) == item.answer);
-        raw += usize::from(argmax(&ll) == item.answer);
-        progress(k + 1, items.len());
+        raw += usize::from(argmax(ll) == item.answer);
     }
     let n = items.len();
-    Ok(ChoiceReport {
+    ChoiceReport {
         n,
         accuracy: norm as f64 / n.max(1) as f64,
         accuracy_unnormalized: raw as f64 / n.max(1) as f64,
         predictions,
-    })
+    }
 }

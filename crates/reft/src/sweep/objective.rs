@@ -3,12 +3,14 @@
 //!
 //! Every trial reuses one loaded model and one tokenised training set. The frozen prefix
 //! caches (SPEC §7) depend only on each example's start layer and first recomputed position,
-//! so trials whose adapters share those take the caches a previous trial built instead of
-//! running the frozen model again; a shelf keeps the most recently used sets within a budget.
+//! and all of them are views of one frozen pass over the data ([`FrozenPass`]: every layer's
+//! keys and values, and the hidden states entering each start layer asked for), so a trial
+//! runs the frozen model again only when it starts at a layer no earlier trial did.
+//! Multiple-choice dev sets are scored the same way: each option is a short example over its
+//! cached question, so a trial's scoring runs only its adapter's layers on the last positions.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::DType;
 
@@ -17,10 +19,11 @@ use super::space::{Config, Value};
 use crate::adapter::config::LayerSpec;
 use crate::adapter::{Adapter, AdapterConfig, AdapterSpec, BaseModel, InterventionSpec};
 use crate::data::{Example, Template};
-use crate::eval::choice::{evaluate_choice, ChoiceFormat, ChoiceItem};
+use crate::eval::choice::{evaluate_choice, option_examples, report_from_scores};
+use crate::eval::choice::{ChoiceFormat, ChoiceItem};
 use crate::eval::generate::{evaluate_generate, GenerateItem};
 use crate::load::LanguageModel;
-use crate::train::{PrefixCache, PrefixCaches, Schedule, TrainConfig, Trainer};
+use crate::train::{FrozenPass, PrefixCache, PrefixCaches, Schedule, TrainConfig, Trainer};
 use crate::{Error, Result};
 
 /// The keys a sweep's config may set; anything else is refused before the first trial.
@@ -91,16 +94,6 @@ impl DevSet {
     /// Whether there is nothing to score.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The metric of `trainer`'s adapter now (inference mode while scoring).
-    fn score(&self, trainer: &mut Trainer<'_>, lm: &LanguageModel) -> Result<f64> {
-        if let DevSet::Loss(examples) = self {
-            return trainer
-                .eval_loss_on(examples.clone())?
-                .ok_or_else(|| Error::InvalidArgument("the dev split is empty".into()));
-        }
-        score_adapter(self, lm, &mut trainer.adapter)
     }
 }
 
@@ -288,13 +281,18 @@ pub struct TrainObjective<'a> {
     defaults: Defaults,
     /// Each completed trial's adapter is saved in `trial-NNN/` here.
     trials_dir: Option<PathBuf>,
-    shelf: CacheShelf,
+    /// The frozen pass over the training examples.
+    train_pass: FrozenPass,
+    /// A choice dev set's options as examples, how many each item has, and their pass.
+    dev_options: Option<(Vec<Example>, Vec<usize>, FrozenPass)>,
+    /// Distinct cache sets the trials asked for (their per-example keys).
+    sets: HashSet<Vec<(usize, usize)>>,
     on_event: Box<dyn FnMut(TrialEvent<'_>) + 'a>,
 }
 
 impl<'a> TrainObjective<'a> {
-    /// An objective on `train`, scored on `dev`; prefix caches are kept up to
-    /// `cache_budget_bytes` in all (the most recently used sets first).
+    /// An objective on `train`, scored on `dev`; the frozen passes keep at most
+    /// `cache_budget_bytes` each (examples past it run in full).
     pub fn new(
         lm: &'a LanguageModel,
         train: Vec<Example>,
@@ -307,13 +305,28 @@ impl<'a> TrainObjective<'a> {
                 "a sweep needs training examples and a non-empty dev split".into(),
             ));
         }
+        let dev_options = match &dev {
+            DevSet::Choice { items, format } => {
+                let mut examples = Vec::new();
+                let mut counts = Vec::with_capacity(items.len());
+                for item in items {
+                    let options = option_examples(lm, item, *format)?;
+                    counts.push(options.len());
+                    examples.extend(options);
+                }
+                Some((examples, counts, FrozenPass::new(cache_budget_bytes)))
+            }
+            _ => None,
+        };
         Ok(Self {
             lm,
             train,
             dev,
             defaults,
             trials_dir: None,
-            shelf: CacheShelf::new(cache_budget_bytes),
+            train_pass: FrozenPass::new(cache_budget_bytes),
+            dev_options,
+            sets: HashSet::new(),
             on_event: Box::new(|_| {}),
         })
     }
@@ -335,10 +348,36 @@ impl<'a> TrainObjective<'a> {
         &self.dev
     }
 
-    /// Frozen prefix cache sets built so far (one per distinct start layer and first position
-    /// of the trials' adapters, unless the budget made the shelf drop one).
+    /// Distinct prefix cache sets the trials used (one per distinct start layer and first
+    /// position of their adapters); each is a view of the frozen pass, made once and shared.
     pub fn cache_builds(&self) -> usize {
-        self.shelf.builds
+        self.sets.len()
+    }
+
+    /// Frozen passes run over the training data (one per new start layer).
+    pub fn frozen_passes(&self) -> usize {
+        self.train_pass.passes
+    }
+
+    /// The dev metric of `trainer`'s adapter now.
+    fn score(&mut self, trainer: &mut Trainer<'_>) -> Result<f64> {
+        match (&self.dev, &mut self.dev_options) {
+            (DevSet::Loss(examples), _) => trainer
+                .eval_loss_on(examples.clone())?
+                .ok_or_else(|| Error::InvalidArgument("the dev split is empty".into())),
+            (DevSet::Choice { items, format }, Some((examples, counts, pass))) => {
+                let caches = pass.caches(self.lm, &trainer.adapter, examples)?;
+                let losses = trainer.summed_losses(examples.clone(), caches)?;
+                let mut scores = Vec::with_capacity(items.len());
+                let mut at = 0;
+                for &n in counts.iter() {
+                    scores.push(losses[at..at + n].iter().map(|l| -l).collect());
+                    at += n;
+                }
+                Ok(report_from_scores(items, *format, &scores).accuracy)
+            }
+            (set, _) => score_adapter(set, self.lm, &mut trainer.adapter),
+        }
     }
 
     /// The adapter (untrained) and training settings of `config`.
@@ -379,16 +418,22 @@ impl<'a> TrainObjective<'a> {
             rungs,
         });
         let caches = match tc.cache_prefix {
-            true => self
-                .shelf
-                .get(self.lm, &adapter, &self.train, tc.cache_budget_bytes)?,
+            true => {
+                let key = self
+                    .train
+                    .iter()
+                    .map(|ex| PrefixCache::key(self.lm, &adapter, ex))
+                    .collect::<Result<Vec<_>>>()?;
+                self.sets.insert(key);
+                self.train_pass.caches(self.lm, &adapter, &self.train)?
+            }
             false => PrefixCaches::new((0..self.train.len()).map(|_| None).collect()),
         };
         let train = self.train.clone();
         let mut trainer = Trainer::with_caches(self.lm, adapter, train, Vec::new(), tc, caches)?;
         let spe = trainer.steps_per_epoch();
-        let on_event = &mut self.on_event;
         for (i, &epochs) in rungs.iter().enumerate() {
+            let on_event = &mut self.on_event;
             let mut last_loss = f64::NAN;
             trainer.run_until(
                 epochs * spe,
@@ -403,8 +448,8 @@ impl<'a> TrainObjective<'a> {
                 },
                 &|| false,
             )?;
-            let metric = self.dev.score(&mut trainer, self.lm)?;
-            on_event(TrialEvent::Scored {
+            let metric = self.score(&mut trainer)?;
+            (self.on_event)(TrialEvent::Scored {
                 trial,
                 epochs,
                 metric,
@@ -439,70 +484,5 @@ impl Objective for TrainObjective<'_> {
     ) -> std::result::Result<TrialOutcome, String> {
         self.trial(trial, config, rungs, report)
             .map_err(|e| e.to_string())
-    }
-}
-
-/// Prefix cache sets by their per-example keys, least recently used dropped past a budget.
-struct CacheShelf {
-    sets: HashMap<Vec<(usize, usize)>, (PrefixCaches, Instant)>,
-    budget_bytes: usize,
-    builds: usize,
-}
-
-impl CacheShelf {
-    fn new(budget_bytes: usize) -> Self {
-        Self {
-            sets: HashMap::new(),
-            budget_bytes,
-            builds: 0,
-        }
-    }
-
-    fn bytes(set: &PrefixCaches) -> usize {
-        set.iter().flatten().map(PrefixCache::bytes).sum()
-    }
-
-    /// The caches for `adapter` on `train`: a shelved set with the same keys, or a new one.
-    fn get(
-        &mut self,
-        lm: &LanguageModel,
-        adapter: &Adapter,
-        train: &[Example],
-        per_set_budget: usize,
-    ) -> Result<PrefixCaches> {
-        let key = train
-            .iter()
-            .map(|ex| PrefixCache::key(lm, adapter, ex))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some((set, used)) = self.sets.get_mut(&key) {
-            *used = Instant::now();
-            return Ok(PrefixCaches::clone(set));
-        }
-        let set = PrefixCache::build_all(lm, adapter, train, per_set_budget)?;
-        self.builds += 1;
-        let new = Self::bytes(&set);
-        while !self.sets.is_empty()
-            && self
-                .sets
-                .values()
-                .map(|(s, _)| Self::bytes(s))
-                .sum::<usize>()
-                + new
-                > self.budget_bytes
-        {
-            let oldest = self
-                .sets
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.sets.remove(&k);
-            }
-        }
-        if new <= self.budget_bytes {
-            self.sets
-                .insert(key, (PrefixCaches::clone(&set), Instant::now()));
-        }
-        Ok(set)
     }
 }

@@ -28,7 +28,7 @@ use crate::model::PromptLayout;
 use crate::{Error, Result};
 
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
-pub use prefix::{PrefixCache, PrefixCaches};
+pub use prefix::{FrozenPass, PrefixCache, PrefixCaches};
 pub use samples::{Sample, SAMPLE_TOKENS};
 
 /// Training hyper-parameters.
@@ -446,6 +446,37 @@ impl<'a> Trainer<'a> {
         let out = self.eval_loss();
         self.eval = held_out;
         out
+    }
+
+    /// Each example's summed cross-entropy over its response tokens (its negative
+    /// log-likelihood), with the adapter in inference mode, using `caches` (built for these
+    /// examples and this adapter's key, as [`FrozenPass::caches`] gives them): a sweep scores
+    /// multiple-choice options this way, each a short tail over a cached question.
+    pub fn summed_losses(
+        &mut self,
+        examples: Vec<Example>,
+        caches: PrefixCaches,
+    ) -> Result<Vec<f64>> {
+        if caches.len() != examples.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} prefix caches for {} examples",
+                caches.len(),
+                examples.len()
+            )));
+        }
+        let train = std::mem::replace(&mut self.train, examples);
+        let own = std::mem::replace(&mut self.caches, caches);
+        self.adapter.set_training(false);
+        let result = (|| -> Result<Vec<f64>> {
+            self.adapter.refresh_params()?;
+            (0..self.train.len())
+                .map(|i| Ok(self.batch_loss(&[i], Set::Train)?.0.to_scalar::<f32>()? as f64))
+                .collect()
+        })();
+        self.adapter.set_training(true);
+        self.train = train;
+        self.caches = own;
+        result
     }
 
     /// One optimiser step over the given micro-batches of example indices.

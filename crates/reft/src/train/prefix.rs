@@ -121,3 +121,133 @@ impl PrefixCache {
         h + self.kv.elem_count() * 4
     }
 }
+
+/// One frozen pass over a set of examples, kept whole: every layer's keys and values at every
+/// position, and the hidden states entering every layer (when they fit the budget; else the
+/// layers asked for). Any [`PrefixCache`] of
+/// these examples is then a view into it, so a sweep's trials with other start layers or first
+/// positions need no further pass unless they start at a layer not recorded yet.
+pub struct FrozenPass {
+    /// Per example (`None` past the memory budget), its keys and values.
+    kv: Vec<Option<KvCache>>,
+    /// Per recorded start layer (> 0), per example, the states entering it `[1, T, d]`.
+    hidden: std::collections::BTreeMap<usize, Vec<Option<Tensor>>>,
+    budget_bytes: usize,
+    /// Passes run over the examples.
+    pub passes: usize,
+}
+
+impl FrozenPass {
+    /// Nothing recorded yet; at most `budget_bytes` of keys and values will be kept (the
+    /// examples past it run in full).
+    pub fn new(budget_bytes: usize) -> Self {
+        Self {
+            kv: Vec::new(),
+            hidden: Default::default(),
+            budget_bytes,
+            passes: 0,
+        }
+    }
+
+    /// Runs the frozen model over `examples` unless every layer of `layers` (start layers) is
+    /// recorded already; then records those and the ones recorded before.
+    fn ensure(&mut self, lm: &LanguageModel, examples: &[Example], layers: &[usize]) -> Result<()> {
+        let missing = layers
+            .iter()
+            .any(|&l| l > 0 && !self.hidden.contains_key(&l));
+        if !missing && self.passes > 0 {
+            return Ok(());
+        }
+        let mut wanted: Vec<usize> = self.hidden.keys().copied().collect();
+        wanted.extend(layers.iter().copied().filter(|&l| l > 0));
+        let cfg = lm.decoder.config();
+        let n_layers = cfg.num_layers;
+        // Every layer's input when they all fit the budget beside the keys and values, so that
+        // no later trial needs a pass of its own.
+        let tokens: usize = examples.iter().map(|e| e.ids().len()).sum();
+        let per_token = 4 * n_layers * (2 * cfg.num_kv_heads * cfg.head_dim + cfg.hidden_size);
+        if tokens.saturating_mul(per_token) <= self.budget_bytes {
+            wanted.extend(1..n_layers);
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let dev = lm.decoder.device();
+        let (mut kv, mut used) = (Vec::with_capacity(examples.len()), 0usize);
+        let mut hidden: std::collections::BTreeMap<usize, Vec<Option<Tensor>>> =
+            wanted.iter().map(|&l| (l, Vec::new())).collect();
+        for ex in examples {
+            if used >= self.budget_bytes {
+                kv.push(None);
+                hidden.values_mut().for_each(|v| v.push(None));
+                continue;
+            }
+            let sites = wanted
+                .iter()
+                .map(|&l| Site::new(l - 1, Component::BlockOutput));
+            let mut rec = Recorder::new(sites);
+            let mut cache = KvCache::new(n_layers);
+            let t = Tensor::new(ex.ids().as_slice(), dev)?.unsqueeze(0)?;
+            lm.decoder
+                .forward(&ForwardInput::new(&t), &mut rec, Some(&mut cache))?;
+            used += cache.elem_count() * 4;
+            for (&l, v) in hidden.iter_mut() {
+                let h = rec.states.remove(&Site::new(l - 1, Component::BlockOutput));
+                used += h.as_ref().map_or(0, |h| h.elem_count() * 4);
+                v.push(h);
+            }
+            kv.push(Some(cache));
+        }
+        self.kv = kv;
+        self.hidden = hidden;
+        self.passes += 1;
+        Ok(())
+    }
+
+    /// The prefix caches of `examples` for `adapter`, as views of this pass (running it first
+    /// when it lacks the adapter's start layer).
+    pub fn caches(
+        &mut self,
+        lm: &LanguageModel,
+        adapter: &Adapter,
+        examples: &[Example],
+    ) -> Result<PrefixCaches> {
+        let keys = examples
+            .iter()
+            .map(|ex| PrefixCache::key(lm, adapter, ex))
+            .collect::<Result<Vec<_>>>()?;
+        let starts: Vec<usize> = keys.iter().map(|k| k.0).collect();
+        self.ensure(lm, examples, &starts)?;
+        let n_layers = lm.decoder.config().num_layers;
+        let mut out = Vec::with_capacity(examples.len());
+        for (i, (ex, &(start_layer, p0))) in examples.iter().zip(&keys).enumerate() {
+            let Some(kv) = &self.kv[i] else {
+                out.push(None);
+                continue;
+            };
+            let t = ex.ids().len();
+            let hidden = match start_layer {
+                0 => None,
+                l => match &self.hidden[&l][i] {
+                    Some(h) => Some(h.narrow(1, p0, t - p0)?),
+                    None => {
+                        out.push(None);
+                        continue;
+                    }
+                },
+            };
+            let layers = (0..n_layers)
+                .map(|l| match (l >= start_layer && p0 > 0, kv.layer(l)) {
+                    (true, Some((k, v))) => Ok(Some((k.narrow(2, 0, p0)?, v.narrow(2, 0, p0)?))),
+                    _ => Ok(None),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(Some(PrefixCache {
+                p0,
+                start_layer,
+                hidden,
+                kv: KvCache::from_layers(layers),
+            }));
+        }
+        Ok(Arc::new(out))
+    }
+}

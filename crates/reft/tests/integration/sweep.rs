@@ -101,6 +101,34 @@ fn without_times(records: Vec<Record>) -> Vec<Record> {
         .collect()
 }
 
+/// A grid sweep of `space` (no early stopping) into `journal`, run to the end.
+fn grid_sweep(
+    space: &Space,
+    objective: &mut TrainObjective<'_>,
+    journal: &std::path::Path,
+    default_epochs: usize,
+    maximize: bool,
+) -> reft::sweep::SweepResult {
+    let plan = SweepPlan {
+        space,
+        mode: Mode::Grid,
+        n_trials: usize::MAX,
+        asha: None,
+        default_epochs,
+        maximize,
+        deadline: None,
+    };
+    let (mut journal, resumed) = Journal::open(journal).unwrap();
+    run_sweep(
+        &plan,
+        &mut journal,
+        resumed,
+        objective,
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_resumed_sweep_ends_with_the_journal_of_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -144,25 +172,14 @@ fn trials_with_the_same_start_layer_and_first_position_share_prefix_caches() {
         1 << 30,
     )
     .unwrap();
-    let plan = SweepPlan {
-        space: &space,
-        mode: Mode::Grid,
-        n_trials: usize::MAX,
-        asha: None,
-        default_epochs: 1,
-        maximize: false,
-        deadline: None,
-    };
     let dir = tempfile::tempdir().unwrap();
-    let (mut journal, resumed) = Journal::open(dir.path().join("t.jsonl")).unwrap();
-    let result = run_sweep(
-        &plan,
-        &mut journal,
-        resumed,
+    let result = grid_sweep(
+        &space,
         &mut objective,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+        &dir.path().join("t.jsonl"),
+        1,
+        false,
+    );
     assert_eq!(result.history.finished().count(), 8);
     assert_eq!(result.failed, 0);
     // Two lowest layers × two first positions (the last prompt token, the first one).
@@ -174,4 +191,61 @@ fn trials_with_the_same_start_layer_and_first_position_share_prefix_caches() {
         reft::sweep::objective::named_layers(&reft::sweep::Value::Str("every2".into()), 5),
         Some(LayerSpec::Text(t)) if t == "0;2;4"
     ));
+}
+
+/// A choice dev split is scored through the frozen pass (each option a short example over its
+/// cached question); the accuracy each trial records is what `evaluate_choice` gives its saved
+/// adapter, and the trials' cache sets come from one pass per start layer.
+#[test]
+fn choice_dev_scores_equal_evaluate_choice_and_passes_are_shared() {
+    use reft::eval::{evaluate_choice, ChoiceFormat, ChoiceItem};
+    let (_dir, lm) = tiny_gpt2_lm();
+    let items: Vec<ChoiceItem> = (0..10)
+        .map(|i| ChoiceItem {
+            question: format!("which word goes with w{i} and v{}?", i * 3),
+            choices: vec![format!("x{i}"), format!("w{i} v"), format!("yy{}", 9 - i)],
+            answer: i % 3,
+        })
+        .collect();
+    let format = ChoiceFormat::Raw;
+    let train: Vec<Example> = items[..6]
+        .iter()
+        .map(|it| reft::eval::choice::training_example(&lm, it, format).unwrap())
+        .collect();
+    let dev_items = items[6..].to_vec();
+    let dev = DevSet::Choice {
+        items: dev_items.clone(),
+        format,
+    };
+    let space = Space::from_toml_str(
+        "[search]\nlayers = [0, 1]\npositions = [\"l1\", \"l2\"]\nlr = [0.05]\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut objective = TrainObjective::new(&lm, train, dev, defaults(), 1 << 30)
+        .unwrap()
+        .with_trials_dir(out.path().join("trials"));
+    let result = grid_sweep(&space, &mut objective, &out.path().join("t.jsonl"), 2, true);
+    assert_eq!(result.failed, 0);
+    for r in result.history.finished() {
+        let dir = out
+            .path()
+            .join("trials")
+            .join(reft::sweep::objective::trial_dir_name(r.trial));
+        let mut adapter = reft::adapter::Adapter::open(
+            &dir,
+            None,
+            "l1",
+            candle_core::DType::F32,
+            lm.decoder.device(),
+        )
+        .unwrap();
+        adapter.set_training(false);
+        let want = evaluate_choice(&lm, &dev_items, format, &mut adapter, &mut |_, _| {}).unwrap();
+        assert_eq!(r.metric, Some(want.accuracy), "trial {}", r.trial);
+    }
+    // One pass (it records every layer's input: the tiny model fits the budget) serves the
+    // four distinct sets of two start layers and two first positions.
+    assert_eq!(objective.cache_builds(), 4);
+    assert_eq!(objective.frozen_passes(), 1);
 }
