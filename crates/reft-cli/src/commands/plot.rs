@@ -33,12 +33,6 @@ fn glyph(c: char) -> Option<[u8; 5]> {
         '9' => [7, 5, 7, 1, 7],
         '.' => [0, 0, 0, 0, 2],
         '-' => [0, 0, 7, 0, 0],
-        'e' => [0, 7, 7, 4, 7],
-        's' => [0, 7, 6, 1, 7],
-        't' => [2, 7, 2, 2, 3],
-        'p' => [0, 7, 5, 7, 4],
-        'l' => [6, 2, 2, 2, 7],
-        'o' => [0, 7, 5, 5, 7],
         '_' => [0, 0, 0, 0, 7],
         '+' => [0, 2, 7, 2, 0],
         '=' => [0, 7, 0, 7, 0],
@@ -46,12 +40,14 @@ fn glyph(c: char) -> Option<[u8; 5]> {
         '(' => [1, 2, 2, 2, 1],
         ')' => [4, 2, 2, 2, 4],
         '/' => [1, 1, 2, 4, 4],
+        ';' => [0, 2, 0, 2, 4],
+        ',' => [0, 0, 0, 2, 4],
         c if c.is_ascii_alphabetic() => letter(c.to_ascii_uppercase())?,
         _ => return None,
     })
 }
 
-/// Capital letters, for labels beyond the loss plot's few lower-case ones.
+/// Letters, all drawn as capitals (3×5 pixels leave no room for readable lower case).
 fn letter(c: char) -> Option<[u8; 5]> {
     const CAPS: [[u8; 5]; 26] = [
         [2, 5, 7, 5, 5],
