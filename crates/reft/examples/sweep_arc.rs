@@ -156,7 +156,6 @@ fn main() -> reft::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let best = result.best.clone().expect("a completed trial");
     let finished = result.history.finished().count();
-    let epochs_run: usize = result.history.finished().map(|r| r.epochs).sum();
     let dir = out
         .join("trials")
         .join(reft::sweep::objective::trial_dir_name(best.trial));
@@ -173,7 +172,7 @@ fn main() -> reft::Result<()> {
         serde_json::json!({
             "trials": finished,
             "stopped_early": result.stopped_early,
-            "epochs_run": epochs_run,
+            "epochs_run": result.history.epochs_run(),
             "epochs_saved": result.epochs_saved,
             "prefix_cache_builds": objective.cache_builds(),
             "sweep_seconds": seconds,

@@ -18,6 +18,15 @@ use candle_core::{DType, Device};
 use reft::generate::GenerationConfig;
 use reft::{LanguageModel, LoadOptions};
 
+/// Prints `line` above a progress bar on a terminal, or as a plain line when stderr is a file
+/// or pipe, where indicatif hides the bar and drops its `println`s.
+pub fn say_above(bar: &indicatif::ProgressBar, line: String) {
+    match bar.is_hidden() {
+        true => eprintln!("{line}"),
+        false => bar.println(line),
+    }
+}
+
 /// Where the model comes from and where it runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {

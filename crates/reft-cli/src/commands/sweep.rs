@@ -226,11 +226,7 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let metric_name = splits.dev.metric_name();
-    let say = |line: String| match bar.is_hidden() {
-        true => eprintln!("{line}"),
-        false => bar.println(line),
-    };
-    say(format!("trial | epochs | {metric_name} | config"));
+    super::say_above(&bar, format!("trial | epochs | {metric_name} | config"));
     let space_ref = &space;
     let bar_ref = &bar;
     let mut objective =
@@ -243,19 +239,9 @@ pub fn run(a: Args) -> Result<()> {
                     params,
                     rungs,
                 } => {
-                    let searched: Vec<String> = space_ref
-                        .params
-                        .iter()
-                        .filter_map(|(k, _)| {
-                            Some(format!(
-                                "{k}={}",
-                                reft::sweep::report::short(config.get(k)?)
-                            ))
-                        })
-                        .collect();
                     bar_ref.set_message(format!(
                         "trial {trial}: {} ({params} params, rungs {rungs:?})",
-                        searched.join(" ")
+                        config_text(space_ref, config)
                     ));
                 }
                 TrialEvent::Epoch { trial, epoch, loss } => {
@@ -267,10 +253,7 @@ pub fn run(a: Args) -> Result<()> {
                     metric,
                 } => {
                     let line = format!("{trial:>5} | {epochs:>6} | {metric:.4}");
-                    match bar_ref.is_hidden() {
-                        true => eprintln!("{line}"),
-                        false => bar_ref.println(line),
-                    }
+                    super::say_above(bar_ref, line);
                 }
             });
     let t0 = Instant::now();
@@ -286,7 +269,6 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    let epochs_run: usize = result.history.finished().map(|r| r.epochs).sum();
     let best = result.best.clone();
     let mut test_score = None;
     if let Some(b) = &best {
@@ -306,9 +288,7 @@ pub fn run(a: Args) -> Result<()> {
         history: &result.history,
         space: &space,
         metric: metric_name,
-        maximize: plan.maximize,
         epochs_saved: result.epochs_saved,
-        epochs_run,
         test: test_score,
         top: 5,
     });
@@ -338,7 +318,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let line = json!({
         "best_trial": best.as_ref().map(|b| b.trial),
-        "best_config": best.as_ref().map(|b| config_text(&space, b)),
+        "best_config": best.as_ref().map(|b| config_text(&space, &b.config)),
         metric_name: best.as_ref().and_then(|b| b.metric),
         "test": test_score.map(|t| t.0),
         "trials": result.history.finished().count(),

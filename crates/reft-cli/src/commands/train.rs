@@ -552,12 +552,7 @@ pub fn train_adapter(
                 eval_loss,
                 samples,
             } => {
-                // Above the bar on a terminal; plain lines when stderr is a file or pipe,
-                // where indicatif hides the bar and drops its `println`s.
-                let say = |line: String| match bar.is_hidden() {
-                    true => eprintln!("{line}"),
-                    false => bar.println(line),
-                };
+                let say = |line: String| super::say_above(&bar, line);
                 if let Some(l) = eval_loss {
                     say(format!("epoch {epoch}: held-out loss {l:.4}"));
                 }

@@ -329,6 +329,16 @@ pub struct Example {
 }
 
 impl Example {
+    /// Tokens in the whole sequence.
+    pub fn len(&self) -> usize {
+        self.prompt_ids.len() + self.response_ids.len()
+    }
+
+    /// Whether the example has no tokens at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The whole sequence.
     pub fn ids(&self) -> Vec<u32> {
         let mut v = self.prompt_ids.clone();

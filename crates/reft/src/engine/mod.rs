@@ -604,12 +604,9 @@ impl Scheduler {
 
     /// Caches the base-model part of each just-prefilled prompt that is not cached yet.
     fn keep_prefixes(&mut self, joining: &DecodeBatch, prompts: &[Vec<u32>], reusable: &[usize]) {
-        if self.limits.prefix_cache_bytes == 0 {
-            return;
-        }
         for (row, (p, &r)) in prompts.iter().zip(reusable).enumerate() {
             let prefix = &p[..r.min(p.len())];
-            if prefix.is_empty() || self.prefixes.cached_len(prefix) == prefix.len() {
+            if !self.prefixes.would_add(prefix) {
                 continue;
             }
             if let Ok(kv) = joining.prompt_kv(row, prefix.len()) {

@@ -159,10 +159,16 @@ impl PrefixCache {
         }))
     }
 
-    /// How many of `tokens`' positions are cached already (no copy; for deciding whether an
-    /// insert would add anything).
+    /// How many of `tokens`' positions are cached already (no copy).
     pub fn cached_len(&self, tokens: &[u32]) -> usize {
         self.walk(tokens).matched
+    }
+
+    /// Whether [`insert`](Self::insert)ing `tokens` would keep anything: the cache has a
+    /// budget and some of them are not cached yet. Lets a caller skip copying their keys and
+    /// values out.
+    pub fn would_add(&self, tokens: &[u32]) -> bool {
+        self.budget_bytes > 0 && !tokens.is_empty() && self.cached_len(tokens) < tokens.len()
     }
 
     /// Caches `kv` (positions `0..tokens.len()` of one sequence) under `tokens`, keeping only

@@ -256,12 +256,16 @@ impl DecodeBatch {
             )));
         }
         let mut layers = Vec::with_capacity(self.cache.num_layers());
+        let mut idx: Option<Tensor> = None;
         for l in 0..self.cache.num_layers() {
             let (k, v) = self.cache.layer(l).ok_or_else(|| {
                 Error::InvalidArgument(format!("the batch's cache misses layer {l}"))
             })?;
-            let idx = Tensor::from_vec(columns.clone(), len, k.device())?;
-            let pick = |t: &Tensor| t.narrow(0, row, 1)?.contiguous()?.index_select(&idx, 2);
+            let idx = match &idx {
+                Some(i) => i,
+                None => idx.insert(Tensor::from_vec(columns.clone(), len, k.device())?),
+            };
+            let pick = |t: &Tensor| t.narrow(0, row, 1)?.contiguous()?.index_select(idx, 2);
             layers.push((pick(&k)?, pick(&v)?));
         }
         Ok(PrefixKv { len, layers })

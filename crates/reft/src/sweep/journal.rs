@@ -255,6 +255,16 @@ impl History {
         self
     }
 
+    /// Whether higher metrics are better.
+    pub fn maximizes(&self) -> bool {
+        self.maximize
+    }
+
+    /// Epochs trained by the finished trials, in all.
+    pub fn epochs_run(&self) -> usize {
+        self.finished().map(|r| r.epochs).sum()
+    }
+
     /// A metric as the search minimises it.
     pub fn score(&self, metric: f64) -> f64 {
         if self.maximize {

@@ -9,7 +9,6 @@
 //! Multiple-choice dev sets are scored the same way: each option is a short example over its
 //! cached question, so a trial's scoring runs only its adapter's layers on the last positions.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 
 use candle_core::DType;
@@ -23,7 +22,7 @@ use crate::eval::choice::{evaluate_choice, option_examples, report_from_scores};
 use crate::eval::choice::{ChoiceFormat, ChoiceItem};
 use crate::eval::generate::{evaluate_generate, GenerateItem};
 use crate::load::LanguageModel;
-use crate::train::{FrozenPass, PrefixCache, PrefixCaches, Schedule, TrainConfig, Trainer};
+use crate::train::{FrozenPass, PrefixCaches, Schedule, TrainConfig, Trainer};
 use crate::{Error, Result};
 
 /// The keys a sweep's config may set; anything else is refused before the first trial.
@@ -285,8 +284,6 @@ pub struct TrainObjective<'a> {
     train_pass: FrozenPass,
     /// A choice dev set's options as examples, how many each item has, and their pass.
     dev_options: Option<(Vec<Example>, Vec<usize>, FrozenPass)>,
-    /// Distinct cache sets the trials asked for (their per-example keys).
-    sets: HashSet<Vec<(usize, usize)>>,
     on_event: Box<dyn FnMut(TrialEvent<'_>) + 'a>,
 }
 
@@ -326,7 +323,6 @@ impl<'a> TrainObjective<'a> {
             trials_dir: None,
             train_pass: FrozenPass::new(cache_budget_bytes),
             dev_options,
-            sets: HashSet::new(),
             on_event: Box::new(|_| {}),
         })
     }
@@ -351,7 +347,7 @@ impl<'a> TrainObjective<'a> {
     /// Distinct prefix cache sets the trials used (one per distinct start layer and first
     /// position of their adapters); each is a view of the frozen pass, made once and shared.
     pub fn cache_builds(&self) -> usize {
-        self.sets.len()
+        self.train_pass.sets_served()
     }
 
     /// Frozen passes run over the training data (one per new start layer).
@@ -418,15 +414,7 @@ impl<'a> TrainObjective<'a> {
             rungs,
         });
         let caches = match tc.cache_prefix {
-            true => {
-                let key = self
-                    .train
-                    .iter()
-                    .map(|ex| PrefixCache::key(self.lm, &adapter, ex))
-                    .collect::<Result<Vec<_>>>()?;
-                self.sets.insert(key);
-                self.train_pass.caches(self.lm, &adapter, &self.train)?
-            }
+            true => self.train_pass.caches(self.lm, &adapter, &self.train)?,
             false => PrefixCaches::new((0..self.train.len()).map(|_| None).collect()),
         };
         let train = self.train.clone();

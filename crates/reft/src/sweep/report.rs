@@ -8,7 +8,7 @@
 use std::fmt::Write;
 
 use super::journal::{History, Record, Status};
-use super::space::{Param, Space, Value};
+use super::space::{Config, Param, Space, Value};
 
 /// What the summary says beside the journal.
 #[derive(Debug, Clone)]
@@ -19,12 +19,8 @@ pub struct SummaryInput<'a> {
     pub space: &'a Space,
     /// The metric's name.
     pub metric: &'a str,
-    /// Higher is better.
-    pub maximize: bool,
     /// Epochs ASHA saved against training every trial to its target.
     pub epochs_saved: usize,
-    /// Epochs trained in all.
-    pub epochs_run: usize,
     /// The best trial's score on the test split, if one was given: `(metric, items)`.
     pub test: Option<(f64, usize)>,
     /// How many best trials to list.
@@ -36,7 +32,12 @@ pub fn summary_markdown(s: &SummaryInput<'_>) -> String {
     let finished: Vec<&Record> = s.history.finished().collect();
     let count = |st: Status| finished.iter().filter(|r| r.status == st).count();
     let seconds: f64 = finished.iter().map(|r| r.seconds).sum();
-    let dir = if s.maximize { "higher" } else { "lower" };
+    let dir = if s.history.maximizes() {
+        "higher"
+    } else {
+        "lower"
+    };
+    let epochs_run = s.history.epochs_run();
     let mut o = String::new();
     let _ = writeln!(o, "# Sweep summary\n");
     let _ = writeln!(
@@ -49,10 +50,10 @@ pub fn summary_markdown(s: &SummaryInput<'_>) -> String {
         count(Status::Completed),
         count(Status::Stopped),
         count(Status::Failed),
-        s.epochs_run,
+        epochs_run,
         s.epochs_saved,
-        100.0 * s.epochs_saved as f64 / (s.epochs_run + s.epochs_saved).max(1) as f64,
-        s.epochs_run + s.epochs_saved,
+        100.0 * s.epochs_saved as f64 / (epochs_run + s.epochs_saved).max(1) as f64,
+        epochs_run + s.epochs_saved,
         seconds,
         seconds / finished.len().max(1) as f64,
     );
@@ -79,12 +80,12 @@ fn fmt_metric(m: Option<f64>) -> String {
     m.map_or("-".into(), |m| format!("{m:.4}"))
 }
 
-/// Searched values of a record, `key=value` joined.
-pub fn config_text(space: &Space, r: &Record) -> String {
+/// The searched values of a config, `key=value` joined.
+pub fn config_text(space: &Space, config: &Config) -> String {
     space
         .params
         .iter()
-        .filter_map(|(k, _)| Some(format!("{k}={}", short(r.config.get(k)?))))
+        .filter_map(|(k, _)| Some(format!("{k}={}", short(config.get(k)?))))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -121,7 +122,7 @@ fn best_table(o: &mut String, s: &SummaryInput<'_>, finished: &[&Record]) {
             r.epochs,
             r.params,
             r.seconds,
-            config_text(s.space, r)
+            config_text(s.space, &r.config)
         );
     }
     let _ = writeln!(o);

@@ -135,6 +135,8 @@ pub struct FrozenPass {
     budget_bytes: usize,
     /// Passes run over the examples.
     pub passes: usize,
+    /// The distinct per-example keys of the cache sets served so far.
+    served: std::collections::HashSet<Vec<(usize, usize)>>,
 }
 
 impl FrozenPass {
@@ -146,7 +148,14 @@ impl FrozenPass {
             hidden: Default::default(),
             budget_bytes,
             passes: 0,
+            served: Default::default(),
         }
+    }
+
+    /// Distinct cache sets served (one per distinct start layer and first position of the
+    /// adapters asked for), all views of this pass.
+    pub fn sets_served(&self) -> usize {
+        self.served.len()
     }
 
     /// Runs the frozen model over `examples` unless every layer of `layers` (start layers) is
@@ -164,7 +173,7 @@ impl FrozenPass {
         let n_layers = cfg.num_layers;
         // Every layer's input when they all fit the budget beside the keys and values, so that
         // no later trial needs a pass of its own.
-        let tokens: usize = examples.iter().map(|e| e.ids().len()).sum();
+        let tokens: usize = examples.iter().map(Example::len).sum();
         let per_token = 4 * n_layers * (2 * cfg.num_kv_heads * cfg.head_dim + cfg.hidden_size);
         if tokens.saturating_mul(per_token) <= self.budget_bytes {
             wanted.extend(1..n_layers);
@@ -217,6 +226,7 @@ impl FrozenPass {
             .collect::<Result<Vec<_>>>()?;
         let starts: Vec<usize> = keys.iter().map(|k| k.0).collect();
         self.ensure(lm, examples, &starts)?;
+        self.served.insert(keys.clone());
         let n_layers = lm.decoder.config().num_layers;
         let mut out = Vec::with_capacity(examples.len());
         for (i, (ex, &(start_layer, p0))) in examples.iter().zip(&keys).enumerate() {
@@ -224,7 +234,7 @@ impl FrozenPass {
                 out.push(None);
                 continue;
             };
-            let t = ex.ids().len();
+            let t = ex.len();
             let hidden = match start_layer {
                 0 => None,
                 l => match &self.hidden[&l][i] {
