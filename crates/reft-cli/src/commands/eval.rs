@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reft::data::DEFAULT_TEMPLATE;
-use reft::eval::{evaluate_choice, read_choice_items, ChoiceFields, ChoiceFormat};
+use reft::eval::{evaluate_choice, read_choice_items, ChoiceFormat};
 use serde_json::{json, Value};
 
-use super::{AdapterArgs, ModelArgs, TemplateArgs};
+use super::{AdapterArgs, ItemFields, ModelArgs, TemplateArgs};
 
 /// Arguments of `reft eval`.
 #[derive(clap::Args, Debug)]
@@ -40,24 +40,8 @@ pub struct Args {
     /// input, `prediction`, `reference`, `correct`).
     #[arg(long)]
     predictions: Option<PathBuf>,
-    /// Question field.
-    #[arg(long, default_value = "question")]
-    question_field: String,
-    /// Options field: a list of strings, or `{"text": [...], "label": [...]}`.
-    #[arg(long, default_value = "choices")]
-    choices_field: String,
-    /// Answer field: an index or an option label (`answerKey` is used when absent).
-    #[arg(long, default_value = "answer")]
-    answer_field: String,
-    /// Generation: the prompt field.
-    #[arg(long, default_value = "prompt")]
-    prompt_field: String,
-    /// Generation: the answer field (a string or a list of acceptable strings).
-    #[arg(long, default_value = "answer")]
-    answer_text_field: String,
-    /// Generation: most new tokens per answer.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    fields: ItemFields,
     /// Classification: the text field.
     #[arg(long, default_value = "sentence")]
     text_field: String,
@@ -103,12 +87,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.task != "choice" {
         bail!("unknown --task `{}` (choice, generate, classify)", a.task);
     }
-    let fields = ChoiceFields {
-        question: a.question_field.clone(),
-        choices: a.choices_field.clone(),
-        answer: a.answer_field.clone(),
-    };
-    let items = read_choice_items(&a.data, &fields)
+    let items = read_choice_items(&a.data, &a.fields.choice())
         .with_context(|| format!("reading {}", a.data.display()))?;
     let items = window(items, &a)?;
     let lm = a.model.load()?;
@@ -142,8 +121,12 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_generate(a: Args) -> Result<()> {
-    let items = reft::eval::read_generate_items(&a.data, &a.prompt_field, &a.answer_text_field)
-        .with_context(|| format!("reading {}", a.data.display()))?;
+    let items = reft::eval::read_generate_items(
+        &a.data,
+        &a.fields.prompt_field,
+        &a.fields.answer_text_field,
+    )
+    .with_context(|| format!("reading {}", a.data.display()))?;
     let items = window(items, &a)?;
     let lm = a.model.load()?;
     let mut adapters = a.adapters.load(&lm)?;
@@ -153,7 +136,7 @@ fn run_generate(a: Args) -> Result<()> {
         &lm,
         &items,
         template,
-        a.max_new_tokens,
+        a.fields.max_new_tokens,
         8,
         &mut adapters,
         &mut |done, _| bar.set_position(done as u64),

@@ -27,6 +27,42 @@ pub fn say_above(bar: &indicatif::ProgressBar, line: String) {
     }
 }
 
+/// The fields of multiple-choice and prompt/answer items (`reft eval`, `reft sweep`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ItemFields {
+    /// Multiple choice: the question field.
+    #[arg(long, default_value = "question")]
+    pub question_field: String,
+    /// Multiple choice: the options field, a list of strings or `{"text": [...], "label":
+    /// [...]}`.
+    #[arg(long, default_value = "choices")]
+    pub choices_field: String,
+    /// Multiple choice: the answer field, an index or an option label (`answerKey` is used
+    /// when absent).
+    #[arg(long, default_value = "answer")]
+    pub answer_field: String,
+    /// Generation: the prompt field.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// Generation: the answer field (a string or a list of acceptable strings).
+    #[arg(long, default_value = "answer")]
+    pub answer_text_field: String,
+    /// Generation: most new tokens per answer.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+}
+
+impl ItemFields {
+    /// The multiple-choice fields.
+    pub fn choice(&self) -> reft::eval::ChoiceFields {
+        reft::eval::ChoiceFields {
+            question: self.question_field.clone(),
+            choices: self.choices_field.clone(),
+            answer: self.answer_field.clone(),
+        }
+    }
+}
+
 /// Where the model comes from and where it runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {

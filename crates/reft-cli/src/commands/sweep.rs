@@ -11,7 +11,7 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use reft::adapter::Adapter;
 use reft::data::{read_records, tokenize, Example, Fields, Template, TokenizeOptions};
-use reft::eval::{read_choice_items, read_generate_items, ChoiceFields, ChoiceFormat};
+use reft::eval::{read_choice_items, read_generate_items, ChoiceFormat};
 use reft::sweep::objective::{self, Defaults, DevSet, TrainObjective, TrialEvent};
 use reft::sweep::report::{config_text, summary_markdown, SummaryInput};
 use reft::sweep::{run_sweep, Asha, Journal, Mode, Param, Space, Status, SweepPlan, Value};
@@ -19,7 +19,7 @@ use reft::train::TrainConfig;
 use reft::LanguageModel;
 use serde_json::json;
 
-use super::ModelArgs;
+use super::{ItemFields, ModelArgs};
 
 /// Arguments of `reft sweep`.
 #[derive(clap::Args, Debug)]
@@ -90,27 +90,11 @@ pub struct Args {
     /// Prompt template: raw, chat, alpaca.
     #[arg(long, default_value = "chat")]
     template: String,
-    /// Prompt field (eval_loss, exact_match data).
-    #[arg(long, default_value = "prompt")]
-    prompt_field: String,
-    /// Response field (eval_loss data).
+    /// Response field of eval_loss data (the prompt field is --prompt-field).
     #[arg(long, default_value = "response")]
     response_field: String,
-    /// Answer field of exact_match data (a string or a list of strings).
-    #[arg(long, default_value = "answer")]
-    answer_text_field: String,
-    /// Question field of choice data.
-    #[arg(long, default_value = "question")]
-    question_field: String,
-    /// Options field of choice data.
-    #[arg(long, default_value = "choices")]
-    choices_field: String,
-    /// Answer field of choice data (an index or a label; `answerKey` when absent).
-    #[arg(long, default_value = "answer")]
-    answer_field: String,
-    /// Longest exact_match answer, in tokens.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    fields: ItemFields,
     /// MiB of the frozen pass over the training data (every layer's keys, values and input
     /// states, shared by all trials), and as much again for a choice dev split's; examples past
     /// it run in full.
@@ -440,7 +424,7 @@ fn read_splits(a: &Args, lm: &LanguageModel, template: Template) -> Result<Split
     Ok(match a.metric.as_str() {
         "eval_loss" => {
             let fields = Fields {
-                prompt: a.prompt_field.clone(),
+                prompt: a.fields.prompt_field.clone(),
                 response: a.response_field.clone(),
                 ..Default::default()
             };
@@ -456,11 +440,7 @@ fn read_splits(a: &Args, lm: &LanguageModel, template: Template) -> Result<Split
             }
         }
         "choice_accuracy" => {
-            let fields = ChoiceFields {
-                question: a.question_field.clone(),
-                choices: a.choices_field.clone(),
-                answer: a.answer_field.clone(),
-            };
+            let fields = a.fields.choice();
             let format = ChoiceFormat::from(template);
             let (train, dev, test) = split3(a, |p| {
                 read_choice_items(p, &fields).with_context(|| format!("reading {}", p.display()))
@@ -477,7 +457,7 @@ fn read_splits(a: &Args, lm: &LanguageModel, template: Template) -> Result<Split
         }
         "exact_match" => {
             let (train, dev, test) = split3(a, |p| {
-                read_generate_items(p, &a.prompt_field, &a.answer_text_field)
+                read_generate_items(p, &a.fields.prompt_field, &a.fields.answer_text_field)
                     .with_context(|| format!("reading {}", p.display()))
             })?;
             let records: Vec<reft::data::Record> = train
@@ -488,7 +468,7 @@ fn read_splits(a: &Args, lm: &LanguageModel, template: Template) -> Result<Split
                     response: it.answers.first().cloned().unwrap_or_default(),
                 })
                 .collect();
-            let max_new_tokens = a.max_new_tokens;
+            let max_new_tokens = a.fields.max_new_tokens;
             let generate = |items| DevSet::Generate {
                 items,
                 template,
